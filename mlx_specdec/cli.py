@@ -1,0 +1,162 @@
+"""`mlx-specdec` command line: generate, models, and the subcommands other modules add."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import SpecDecError
+
+# Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
+EXTERNAL_COMMANDS: dict[str, str] = {}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags that pick and load a target/drafter pair (shared by generate, serve, bench)."""
+    p.add_argument("--model", help="target: Hugging Face repo id or local folder")
+    p.add_argument("--drafter", help="drafter repo id or folder (default: from the registry)")
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "dspark", "dflash", "eagle3", "baseline"],
+        help="auto picks DSpark, else DFlash, else EAGLE3, else plain decoding",
+    )
+    p.add_argument(
+        "--drafter-bits",
+        type=int,
+        default=4,
+        choices=[4, 8, 16, 32],
+        help="quantize the drafter (16 = checkpoint dtype, 32 = float32)",
+    )
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-draft", type=positive_int, help="drafts verified per round (cap)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.0,
+        help="DSpark: cut each round's drafts at the first slot whose confidence is below this",
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import baseline_generate, encode_prompt, stream_speculative_generate
+    from .loading import load_pair
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    target, tokenizer, drafter, config = load_pair(
+        args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
+    )
+    if config.mode == "baseline" and args.mode == "auto":
+        print(f"[auto] no drafter known for '{config.target}': plain decoding", file=sys.stderr)
+    elif args.mode == "auto":
+        print(f"[auto] {config.mode} drafter {config.drafter}", file=sys.stderr)
+    ids = encode_prompt(
+        tokenizer, prompt, chat=not args.no_chat, enable_thinking=False if args.no_thinking else None
+    )
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+    )
+    result = None
+    for chunk in stream_speculative_generate(
+        target,
+        tokenizer,
+        drafter,
+        ids,
+        max_draft=args.max_draft,
+        confidence_threshold=args.confidence_threshold,
+        **options,
+    ):
+        print(chunk.text, end="", flush=True)
+        result = chunk.result or result
+    print()
+    print(result.stats_line())
+    if args.compare:
+        base = baseline_generate(target, tokenizer, ids, **options)
+        print(base.stats_line())
+        speedup = result.tokens_per_sec / base.tokens_per_sec if base.tokens_per_sec else 0.0
+        same = result.tokens == base.tokens
+        where = next(
+            (i for i, (a, b) in enumerate(zip(result.tokens, base.tokens)) if a != b),
+            min(len(result.tokens), len(base.tokens)),
+        )
+        verdict = "identical" if same else f"DIFFERENT from token {where}"
+        print(f"speed-up {speedup:.2f}x over mlx-lm generation; outputs {verdict}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .registry import REGISTRY
+
+    rows = [("id", "target", "dspark", "dflash", "eagle3")]
+    rows += [(e.id, e.target, e.dspark or "-", e.dflash or "-", e.eagle3 or "-") for e in REGISTRY]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\nAny quantization of a target (-4bit, -8bit, -bf16, ...) resolves the same drafters.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-specdec", description="Lossless speculative decoding on MLX"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    add_model_arguments(g)
+    g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
+    add_sampling_arguments(g)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--no-thinking", action="store_true", help="chat template without thinking")
+    g.add_argument(
+        "--compare", action="store_true", help="also run mlx-lm's plain generation and compare"
+    )
+    g.set_defaults(func=_generate)
+
+    m = sub.add_parser("models", help="list known targets and their drafters")
+    m.set_defaults(func=_models)
+
+    for name, module_name in EXTERNAL_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecDecError as e:
+        print(f"mlx-specdec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmlx-specdec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""DSpark (DeepSpec `Qwen3DSparkModel`): a parallel KV-injection backbone, a sequential low-rank
+Markov head and a confidence head. DeepSpec's DFlash checkpoints are the same class with
+`markov_rank = 0` and no confidence head. Spec: shared/specs/dspark-spec.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from ..errors import SpecDecError
+from ..sampling import SamplingParams, draw, probs
+from .base import Proposal
+from ..target import Target
+from .layers import AttentionShape, InjectedDecoderLayer, attention_shape, same_weights
+
+ARCHITECTURES = ("Qwen3DSparkModel",)
+MODE = "dspark"
+
+
+@dataclass(frozen=True)
+class DSparkConfig:
+    shape: AttentionShape
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int | None
+    markov_rank: int
+    confidence_head: bool
+    confidence_with_markov: bool
+    architecture: str
+
+    @classmethod
+    def from_dict(cls, c: dict, where: str = "config.json") -> DSparkConfig:
+        missing = [
+            k
+            for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                      "num_attention_heads", "vocab_size", "block_size", "mask_token_id",
+                      "target_layer_ids")
+            if k not in c
+        ]
+        if missing:
+            raise SpecDecError(f"{where}: DSpark drafter config lacks {', '.join(missing)}")
+        head_type = c.get("markov_head_type", "vanilla")
+        if int(c.get("markov_rank", 0)) and head_type != "vanilla":
+            raise SpecDecError(
+                f"{where}: markov_head_type '{head_type}' is not supported (only 'vanilla', "
+                "the type of every released DSpark checkpoint)"
+            )
+        return cls(
+            shape=attention_shape(c),
+            intermediate_size=int(c["intermediate_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            vocab_size=int(c["vocab_size"]),
+            block_size=int(c["block_size"]),
+            mask_token_id=int(c["mask_token_id"]),
+            target_layer_ids=tuple(int(i) for i in c["target_layer_ids"]),
+            num_target_layers=c.get("num_target_layers"),
+            markov_rank=int(c.get("markov_rank", 0)),
+            confidence_head=bool(c.get("enable_confidence_head", False)),
+            confidence_with_markov=bool(c.get("confidence_head_with_markov", False)),
+            architecture=(c.get("architectures") or ["?"])[0],
+        )
+
+
+class MarkovHead(nn.Module):
+    """First-order token transition bias: bias(prev) = W2 · W1[prev]."""
+
+    def __init__(self, vocab_size: int, rank: int):
+        super().__init__()
+        self.markov_w1 = nn.Embedding(vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.proj = nn.Linear(dims, 1, bias=True)
+
+
+class DSparkDrafter(nn.Module):
+    kind = "dspark"
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        s = config.shape
+        self.config = config
+        self.tap_ids = config.target_layer_ids
+        self.max_draft = config.block_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
+        self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.layers = [
+            InjectedDecoderLayer(s, config.intermediate_size) for _ in range(config.num_layers)
+        ]
+        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
+        if config.markov_rank:
+            self.markov_head = MarkovHead(config.vocab_size, config.markov_rank)
+        if config.confidence_head:
+            extra = config.markov_rank if config.confidence_with_markov else 0
+            self.confidence_head = ConfidenceHead(s.hidden_size + extra)
+        # Set by `share_target_tensors` when our copies equal the target's own tensors; plain
+        # attributes, so the target's weights never count as (or get loaded into) ours.
+        object.__setattr__(self, "_shared", {})
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        return self._shared.get("embed_tokens", self.get("embed_tokens"))(ids)
+
+    def _head(self, h: mx.array) -> mx.array:
+        if "lm_head" in self._shared:
+            return self._shared["lm_head"](h)
+        return self.lm_head(h)
+
+    def share_target_tensors(self, target: Target) -> list[str]:
+        """Use the target's embedding / head instead of our identical copies; returns what was
+        shared. Runs before quantization (it compares full-precision copies); the target's
+        modules live outside our module tree, so quantizing us never touches them."""
+        shared = []
+        own = self.get("embed_tokens")
+        if isinstance(own, nn.Embedding) and same_weights(own.weight, target.embed_tokens):
+            self.pop("embed_tokens")
+            self._shared["embed_tokens"] = target.embed_tokens
+            shared.append("embed_tokens")
+        own = self.get("lm_head")
+        if isinstance(own, nn.Linear) and same_weights(own.weight, target.head_module):
+            self.pop("lm_head")
+            self._shared["lm_head"] = target.head
+            shared.append("lm_head")
+        return shared
+
+    def new_state(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def backbone(self, block: mx.array, context: mx.array | None, caches: list[KVCache]) -> mx.array:
+        """Block ids [B] (anchor then masks) + new context taps -> normed hidden states [B, H]."""
+        x = self._embed(block)[None]
+        c = self.hidden_norm(self.fc(context))[None] if context is not None else None
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, c, cache)
+        return self.norm(x)[0]
+
+    def propose(
+        self,
+        state: list[KVCache],
+        context: mx.array,
+        next_tokens: mx.array,
+        n: int,
+        params: SamplingParams,
+        with_confidence: bool = False,
+    ) -> Proposal:
+        cfg = self.config
+        anchor = next_tokens[-1:].astype(mx.int32)
+        block = mx.concatenate([anchor, mx.full((cfg.block_size - 1,), cfg.mask_token_id, mx.int32)])
+        h = self.backbone(block, context, state)[:n]
+        logits = self._head(h)
+        if not cfg.markov_rank:  # DFlash-style: slots are independent
+            if params.greedy:
+                return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32))
+            q = probs(logits, params)
+            return Proposal(draw(q).astype(mx.int32), q)
+        # Markov: slot k's bias depends on the token drawn at slot k-1 (the anchor for k = 0).
+        w1, w2 = self.markov_head.markov_w1, self.markov_head.markov_w2
+        prev = anchor
+        tokens, qs, prevs = [], [], []
+        for k in range(n):
+            prevs.append(prev)
+            z = logits[k : k + 1] + w2(w1(prev))
+            if params.greedy:
+                prev = mx.argmax(z, axis=-1).astype(mx.int32)
+            else:
+                qs.append(probs(z, params))
+                prev = draw(qs[-1]).astype(mx.int32)
+            tokens.append(prev)
+        proposal = Proposal(
+            mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32),
+            mx.concatenate(qs) if qs else None,
+        )
+        if with_confidence and cfg.confidence_head and n:
+            feats = h
+            if cfg.confidence_with_markov:
+                feats = mx.concatenate([h, w1(mx.concatenate(prevs)).astype(h.dtype)], axis=-1)
+            proposal.confidence = mx.sigmoid(
+                self.confidence_head.proj(feats)[:, 0].astype(mx.float32)
+            )
+        return proposal
+
+
+def accepts_mode(config: dict, mode: str) -> bool:
+    """DeepSpec's DFlash checkpoints are this class without a Markov head."""
+    return mode == "dflash" and not int(config.get("markov_rank", 0))
+
+
+def build(config: dict, what: str) -> DSparkDrafter:
+    return DSparkDrafter(DSparkConfig.from_dict(config, what))

@@ -1,0 +1,207 @@
+"""Text in, text out: prompts, detokenized streaming, timing, and the baseline (mlx-lm's own
+generation on the same target), around the token loop in `speculate.py`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .drafters.base import Drafter
+from .errors import SpecDecError
+from .sampling import SamplingParams
+from .speculate import Round, speculate
+from .target import Target
+
+Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]  # generated ids; a final stop token is not included (as in mlx-lm)
+    rounds: list[Round]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str  # "stop" or "length"
+    mode: str
+
+    @property
+    def mean_accept_len(self) -> float:
+        """Tokens committed per verify forward, the correction/bonus token included."""
+        if not self.rounds:
+            return 0.0
+        return sum(len(r.committed) for r in self.rounds) / len(self.rounds)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Decode speed: tokens after the first one, over the time after the first one."""
+        n = sum(len(r.committed) for r in self.rounds)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def stats_line(self) -> str:
+        return (
+            f"[{self.mode}] {len(self.tokens)} tokens, mean accept length "
+            f"{self.mean_accept_len:.2f}, decode {self.tokens_per_sec:.1f} tok/s, prefill "
+            f"{self.prefill_seconds * 1000:.0f} ms ({self.prompt_tokens} prompt tokens)"
+        )
+
+
+@dataclass
+class GenerationChunk:
+    """A streamed piece: new text and ids; `result` is set on the last chunk only."""
+
+    text: str
+    tokens: list[int]
+    round: Round | None = None
+    result: GenerationResult | None = field(default=None, repr=False)
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: Prompt, *, chat: bool = True, enable_thinking: bool | None = None
+) -> list[int]:
+    """A string (chat template applied when the tokenizer has one, unless `chat=False`), a list
+    of chat messages, or token ids -> token ids."""
+    if isinstance(prompt, str):
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            bos = getattr(tokenizer, "bos_token", None)
+            special = not (bos and prompt.startswith(bos))
+            return list(tokenizer.encode(prompt, add_special_tokens=special))
+    prompt = list(prompt)
+    if prompt and all(isinstance(t, dict) for t in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise SpecDecError("this tokenizer has no chat template; pass plain text with chat off")
+        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs))
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise SpecDecError("prompt must be a string, a list of chat messages or a list of token ids")
+    return prompt
+
+
+def _stream(
+    tokenizer: Any,
+    steps: Iterator[tuple[list[int], Round | None]],
+    prompt_len: int,
+    max_new_tokens: int,
+    mode: str,
+) -> Iterator[GenerationChunk]:
+    """Detokenize `(tokens, round)` steps; time prefill (to the first token) and decode."""
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    tokens: list[int] = []
+    rounds: list[Round] = []
+    t0 = time.perf_counter()
+    t_first = None
+    finish = "length"
+    for new, rnd in steps:
+        if t_first is None:
+            t_first = time.perf_counter()
+        if rnd is not None:
+            rounds.append(rnd)
+        shown = [t for t in new if t not in eos]
+        tokens += shown
+        for t in shown:
+            detok.add_token(t)
+        if len(shown) < len(new):
+            finish = "stop"
+        yield GenerationChunk(detok.last_segment, shown, rnd)
+    detok.finalize()
+    end = time.perf_counter()
+    t_first = t_first or end
+    result = GenerationResult(
+        text=detok.text,
+        tokens=tokens,
+        rounds=rounds,
+        prompt_tokens=prompt_len,
+        prefill_seconds=t_first - t0,
+        decode_seconds=end - t_first,
+        finish_reason=finish if len(tokens) < max_new_tokens else "length",
+        mode=mode,
+    )
+    yield GenerationChunk(detok.last_segment, [], None, result)
+
+
+def stream_speculative_generate(
+    target: Target,
+    tokenizer: Any,
+    drafter: Drafter | None,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int = 256,
+    max_draft: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    confidence_threshold: float = 0.0,
+    chat: bool = True,
+    enable_thinking: bool | None = None,
+) -> Iterator[GenerationChunk]:
+    """Stream text pieces as rounds commit them; the last chunk carries the `GenerationResult`.
+    With `drafter=None` this is plain decoding through mlx-lm (the baseline)."""
+    params = SamplingParams(temperature, top_p, top_k, min_p, seed)
+    if max_new_tokens < 1:
+        raise SpecDecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if confidence_threshold < 0 or confidence_threshold >= 1:
+        raise SpecDecError(f"confidence threshold must be in [0, 1), got {confidence_threshold}")
+    ids = encode_prompt(tokenizer, prompt, chat=chat, enable_thinking=enable_thinking)
+    if not ids:
+        raise SpecDecError("the prompt is empty")
+    if drafter is None:
+        steps = _baseline_steps(target, tokenizer, ids, max_new_tokens, params)
+        return _stream(tokenizer, steps, len(ids), max_new_tokens, "baseline")
+    spec = speculate(
+        target,
+        drafter,
+        ids,
+        max_new_tokens=max_new_tokens,
+        max_draft=max_draft,
+        params=params,
+        eos_ids=set(tokenizer.eos_token_ids),
+        confidence_threshold=confidence_threshold,
+    )
+    steps = ((s.tokens, s.round) for s in spec)
+    return _stream(tokenizer, steps, len(ids), max_new_tokens, drafter.kind)
+
+
+def speculative_generate(
+    target: Target, tokenizer: Any, drafter: Drafter | None, prompt: Prompt, **kwargs: Any
+) -> GenerationResult:
+    """Generate and return the whole `GenerationResult` (`.text`, `.tokens`, `.rounds`,
+    `.mean_accept_len`, `.tokens_per_sec`). Keyword arguments as `stream_speculative_generate`."""
+    *_, last = stream_speculative_generate(target, tokenizer, drafter, prompt, **kwargs)
+    return last.result
+
+
+def _baseline_steps(
+    target: Target, tokenizer: Any, ids: list[int], max_new_tokens: int, params: SamplingParams
+) -> Iterator[tuple[list[int], Round | None]]:
+    """mlx-lm's own `generate_step` on the same target: the official baseline, one token a step."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+    eos = set(tokenizer.eos_token_ids)
+    gen = generate_step(mx.array(ids), target.model, max_tokens=max_new_tokens, sampler=sampler)
+    for i, (token, _) in enumerate(gen):
+        token = int(token)
+        yield [token], (None if i == 0 else Round([], 0, [token]))
+        if token in eos:
+            break
+
+
+def baseline_generate(
+    target: Target, tokenizer: Any, prompt: Prompt, **kwargs: Any
+) -> GenerationResult:
+    """Plain decoding with mlx-lm on the same target (what `--compare` races against)."""
+    return speculative_generate(target, tokenizer, None, prompt, **kwargs)

@@ -1,0 +1,238 @@
+"""Finding, downloading and loading targets and drafters, with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from . import registry
+from .drafters import FAMILIES, family_of
+from .drafters.base import Drafter
+from .drafters.layers import quantize_drafter
+from .errors import SpecDecError
+from .target import Target
+
+DRAFTER_BITS = (4, 8, 16, 32)
+_TARGET_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
+                 "*.txt", "*.jsonl", "*.jinja"]
+_DRAFTER_FILES = ["*.json", "*.safetensors"]
+
+
+@dataclass
+class PairConfig:
+    """What `load_pair` resolved and loaded."""
+
+    mode: str
+    target: str
+    drafter: str | None = None
+    drafter_kind: str | None = None
+    drafter_bits: int | None = None
+    drafter_config: dict[str, Any] = field(default_factory=dict)
+    shared_with_target: list[str] = field(default_factory=list)
+
+
+def resolve_path(repo_or_path: str, what: str, allow_patterns: list[str]) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo, from the cache or downloaded (with a
+    progress bar) through huggingface-hub."""
+    path = Path(repo_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SpecDecError(f"{what} '{repo_or_path}' is a file; give its folder")
+        return path
+    looks_local = repo_or_path.startswith((".", "/", "~")) or repo_or_path.count("/") != 1
+    if looks_local:
+        raise SpecDecError(
+            f"{what} '{repo_or_path}' is neither an existing folder nor a Hugging Face repo id "
+            "(owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_or_path, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        raise SpecDecError(
+            f"{what} '{repo_or_path}' is not in the Hugging Face cache and cannot be downloaded "
+            "(offline?); connect once to download it, or pass a local folder"
+        ) from None
+    except GatedRepoError:
+        raise SpecDecError(
+            f"{what} '{repo_or_path}' is gated: accept its license on huggingface.co and log "
+            "in with `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SpecDecError(f"{what} '{repo_or_path}' does not exist on the Hugging Face Hub") from None
+    except (OSError, ValueError) as e:
+        raise SpecDecError(f"cannot download {what} '{repo_or_path}': {e}") from None
+
+
+def read_config(path: Path, what: str) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise SpecDecError(f"{what} folder '{path}' has no config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise SpecDecError(f"{what} config '{file}' is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise SpecDecError(f"{what} config '{file}' is not a JSON object")
+    return config
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, mx.array]:
+    """All tensors of a single-file or sharded (`model.safetensors.index.json`) checkpoint."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise SpecDecError(f"{what} index '{index}' is malformed ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise SpecDecError(f"{what} folder '{path}' has no *.safetensors weights")
+    weights: dict[str, mx.array] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise SpecDecError(f"{what} shard '{file}' is missing; download the checkpoint again")
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:  # noqa: BLE001 - mlx raises several types for a bad file
+            raise SpecDecError(
+                f"{what} weights '{file}' cannot be read ({e}); the file is corrupt or "
+                "incomplete: download it again"
+            ) from None
+    return weights
+
+
+def _load_into(model: nn.Module, weights: dict[str, mx.array], what: str) -> None:
+    """Strict load: the checkpoint must hold exactly the module's tensors, with their shapes."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+
+    def few(names: list[str]) -> str:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return ", ".join(names[:3]) + more
+
+    if missing:
+        raise SpecDecError(f"{what} is missing tensors {few(missing)}")
+    if extra:
+        raise SpecDecError(f"{what} has tensors this architecture does not use: {few(extra)}")
+    for name, w in weights.items():
+        if w.shape != expected[name].shape:
+            raise SpecDecError(
+                f"{what} tensor '{name}' has shape {tuple(w.shape)}, the config implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+
+
+def load_target(model: str, name: str | None = None) -> tuple[Target, Any]:
+    """An mlx-lm model (repo id or folder) wrapped as a `Target`, and its tokenizer."""
+    from mlx_lm.utils import load as mlx_load
+
+    path = resolve_path(model, "model", _TARGET_FILES)
+    read_config(path, "model")  # a clear error before mlx-lm's own
+    try:
+        lm, tokenizer, config = mlx_load(str(path), return_config=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise SpecDecError(f"cannot load model '{model}' with mlx-lm: {e}") from None
+    return Target(lm, config, name=name or model), tokenizer
+
+
+def _check_compatible(drafter: Drafter, config: dict, target: Target, what: str) -> None:
+    text = config.get("text_config", config)
+    hidden = int(text.get("hidden_size", -1))
+    if hidden != target.hidden_size:
+        raise SpecDecError(
+            f"{what} has hidden size {hidden} but {target.name} has {target.hidden_size}: the "
+            "drafter was made for another target"
+        )
+    vocab = int(text.get("vocab_size", -1))
+    if vocab != target.vocab_size:
+        raise SpecDecError(
+            f"{what} has vocabulary size {vocab} but {target.name} has {target.vocab_size}: the "
+            "drafter was made for another target"
+        )
+    n_target = config.get("num_target_layers")
+    if n_target is not None and int(n_target) != target.num_layers:
+        raise SpecDecError(
+            f"{what} was made for a target with {n_target} layers, {target.name} has "
+            f"{target.num_layers}"
+        )
+    target.set_taps(drafter.tap_ids)
+
+
+def load_drafter(
+    drafter: str, target: Target, *, bits: int = 4, mode: str = "auto"
+) -> tuple[Drafter, dict[str, Any], list[str]]:
+    """Load a drafter checkpoint for `target`. Returns (drafter, its config, tensors shared
+    with the target)."""
+    if bits not in DRAFTER_BITS:
+        raise SpecDecError(f"--drafter-bits must be one of 4, 8, 16, 32, got {bits}")
+    what = f"drafter '{drafter}'"
+    path = resolve_path(drafter, "drafter", _DRAFTER_FILES)
+    config = read_config(path, "drafter")
+    family = family_of(config, what)
+    if mode not in ("auto", family.MODE) and not family.accepts_mode(config, mode):
+        raise SpecDecError(
+            f"--mode {mode} needs a {mode} drafter, but {what} is a {family.MODE} drafter "
+            f"({(config.get('architectures') or ['?'])[0]})"
+        )
+    model = family.build(config, what)
+    _load_into(model, read_safetensors(path, "drafter"), what)
+    _check_compatible(model, config, target, what)
+    shared = model.share_target_tensors(target)
+    quantize_drafter(model, bits)
+    mx.eval(model.parameters())
+    return model, config, shared
+
+
+def load_pair(
+    model: str | None = None,
+    drafter: str | None = None,
+    *,
+    mode: str = "auto",
+    drafter_bits: int = 4,
+) -> tuple[Target, Any, Drafter | None, PairConfig]:
+    """Load a target and its drafter: `(target, tokenizer, drafter, config)`.
+
+    `mode` is `auto` (DSpark if the registry knows one, else DFlash, else EAGLE3, else plain
+    decoding), `dspark`, `dflash`, `eagle3` or `baseline`; `drafter` overrides the registry.
+    """
+    if model is None:
+        raise SpecDecError("no model given: pass --model REPO_OR_PATH")
+    valid = ("auto", "baseline", *registry.MODES)
+    if mode not in valid:
+        raise SpecDecError(f"--mode must be one of {', '.join(valid)}, got '{mode}'")
+    resolved_mode, drafter_ref = registry.resolve_mode(model, mode, drafter)
+    if resolved_mode != "baseline" and drafter_ref is None:
+        raise SpecDecError(
+            f"no {resolved_mode} drafter is known for '{model}'; pass --drafter REPO_OR_PATH, or "
+            "use --mode auto (see `mlx-specdec models`)"
+        )
+    target, tokenizer = load_target(model)
+    config = PairConfig(mode=resolved_mode, target=model)
+    if drafter_ref is None:
+        return target, tokenizer, None, config
+    loaded, drafter_config, shared = load_drafter(
+        drafter_ref, target, bits=drafter_bits, mode=resolved_mode
+    )
+    config.mode = loaded.kind if resolved_mode == "auto" else resolved_mode
+    config.drafter, config.drafter_kind = drafter_ref, loaded.kind
+    config.drafter_bits, config.drafter_config = drafter_bits, drafter_config
+    config.shared_with_target = shared
+    return target, tokenizer, loaded, config

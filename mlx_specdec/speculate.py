@@ -1,0 +1,130 @@
+"""The verify loop: one loop for every drafter.
+
+Each round: the drafter proposes `n` tokens after the anchor (the newest committed token); the
+target verifies `[anchor, *drafts]` in one forward that also yields the taps; chain verification
+keeps the longest acceptable prefix plus one correction/bonus token; the target cache is trimmed
+to what was committed; the taps of the committed rows feed the drafter next round. The round is
+one lazy graph and one host sync; the next round is launched before the current one is handed
+to the caller, so detokenizing and printing overlap with compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .drafters.base import Drafter, Proposal
+from .errors import SpecDecError
+from .sampling import SamplingParams, sample, verify
+from .target import Target
+
+
+@dataclass
+class Round:
+    """What one round did: the drafts verified and how many of them the target accepted."""
+
+    proposed: list[int]
+    accepted: int
+    committed: list[int] = field(default_factory=list)  # accepted drafts + correction/bonus
+
+
+@dataclass
+class Step:
+    """Tokens committed by the prefill (round None) or by one round."""
+
+    tokens: list[int]
+    round: Round | None
+    finished: bool = False
+
+
+@dataclass
+class _Launched:
+    proposal: Proposal
+    accepted: mx.array
+    next_token: mx.array
+    taps: mx.array
+
+
+def check_max_draft(max_draft: int | None, drafter: Drafter) -> int:
+    if max_draft is None:
+        return drafter.max_draft
+    if not 1 <= max_draft <= drafter.max_draft:
+        raise SpecDecError(
+            f"--max-draft must be between 1 and {drafter.max_draft} for this {drafter.kind} "
+            f"drafter, got {max_draft}"
+        )
+    return max_draft
+
+
+def speculate(
+    target: Target,
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    max_draft: int | None = None,
+    params: SamplingParams = SamplingParams(),
+    eos_ids: Collection[int] = (),
+    confidence_threshold: float = 0.0,
+    cache: list[Any] | None = None,
+) -> Iterator[Step]:
+    """Generate up to `max_new_tokens` tokens after `prompt_ids`, yielding each round's tokens."""
+    if not prompt_ids:
+        raise SpecDecError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        return
+    cap = check_max_draft(max_draft, drafter)
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    cache = target.make_cache() if cache is None else cache
+    state = drafter.new_state()
+    prompt = mx.array(list(prompt_ids), dtype=mx.int32)
+
+    logits, taps = target.prefill(prompt, cache)
+    anchor = sample(logits[None], params).astype(mx.int32)
+    first = anchor.item()
+    produced = 1
+    if first in eos_ids or produced >= max_new_tokens:
+        yield Step([first], None, finished=True)
+        return
+
+    def launch(anchor: mx.array, context: mx.array, next_tokens: mx.array) -> _Launched:
+        n = min(cap, max_new_tokens - produced - 1)
+        if n > 0:
+            want_conf = confidence_threshold > 0
+            proposal = drafter.propose(state, context, next_tokens, n, params, want_conf)
+            if want_conf and proposal.confidence is not None:
+                conf = proposal.confidence.tolist()  # the cut needs the scores on the host
+                keep = next((k for k, c in enumerate(conf) if c < confidence_threshold), n)
+                q = proposal.q[:keep] if proposal.q is not None else None
+                proposal = Proposal(proposal.tokens[:keep], q)
+        else:  # one token left: a plain target step
+            proposal = Proposal(mx.zeros((0,), mx.int32))
+        logits, taps = target(mx.concatenate([anchor, proposal.tokens]), cache)
+        accepted, next_token = verify(proposal.tokens, proposal.q, logits, params)
+        mx.async_eval(accepted, next_token, proposal.tokens)
+        return _Launched(proposal, accepted, next_token, taps)
+
+    # The drafter's first context is the whole prompt; token after position p is prompt[p+1].
+    pending = launch(anchor, taps, mx.concatenate([prompt[1:], anchor]))
+    yield Step([first], None)
+    while pending is not None:
+        run, pending = pending, None
+        proposed = run.proposal.tokens.tolist()
+        accepted, bonus = run.accepted.item(), run.next_token.item()
+        committed = proposed[:accepted] + [bonus]
+        finished = False
+        for i, t in enumerate(committed):
+            if t in eos_ids:  # an accepted stop token ends generation; no bonus after it
+                committed, finished = committed[: i + 1], True
+                break
+        produced += len(committed)
+        finished = finished or produced >= max_new_tokens
+        Target.rollback(cache, len(proposed) - accepted)
+        if not finished:
+            next_tokens = mx.array(committed, dtype=mx.int32)
+            pending = launch(next_tokens[-1:], run.taps[: accepted + 1], next_tokens)
+        yield Step(committed, Round(proposed, accepted, committed), finished)

@@ -1,0 +1,203 @@
+"""The target: an mlx-lm model with layer taps and exact KV rollback.
+
+One forward returns the logits *and* the taps (the residual-stream outputs of the decoder layers
+a drafter listens to) from the same pass. Taps are captured by swapping the class of the tapped
+layers for a subclass that records its output, so parameter names, quantization and
+`load_weights` are untouched and no family's forward loop is copied here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+from .errors import SpecDecError
+
+PREFILL_STEP = 512
+
+
+class _TapSink:
+    """Holds the tapped layer outputs of the current forward (a plain object, not a parameter)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, mx.array] = {}
+
+
+_TAPPED_CLASSES: dict[type, type] = {}
+
+
+def _tapped_class(base: type) -> type:
+    if base not in _TAPPED_CLASSES:
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            out = base.__call__(self, *args, **kwargs)
+            # Gemma-4 layers return (h, shared_kv, offset); the residual stream is first.
+            self._tap_sink.values[self._tap_id] = out[0] if isinstance(out, tuple) else out
+            return out
+
+        _TAPPED_CLASSES[base] = type(f"Tapped{base.__name__}", (base,), {"__call__": __call__})
+    return _TAPPED_CLASSES[base]
+
+
+class Target:
+    """An mlx-lm causal LM seen as `ids -> (logits, taps)` with a rollback-able cache."""
+
+    def __init__(self, model: nn.Module, config: dict | None = None, name: str = "target"):
+        self.model = model
+        self.config = config or {}
+        self.name = name
+        language = getattr(model, "language_model", model)
+        self._language = language
+        self.inner = language.model
+        self.layers = model.layers
+        self.num_layers = len(self.layers)
+        self._sink = _TapSink()
+        self.tap_ids: tuple[int, ...] = ()
+        self._check_head()
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.inner.embed_tokens
+
+    @property
+    def _text_config(self) -> dict:
+        return self.config.get("text_config", self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._text_config["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the logits (the embedding table, padding rows included)."""
+        return int(self.embed_tokens.weight.shape[0])
+
+    @property
+    def model_type(self) -> str:
+        return str(self._text_config.get("model_type", self.config.get("model_type", "")))
+
+    @property
+    def embed_scale(self) -> float:
+        """Scale mlx-lm applies to token embeddings (Gemma: sqrt(H) rounded through bf16)."""
+        return float(getattr(self.inner, "embed_scale", 1.0))
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self._language, "final_logit_softcapping", None)
+
+    @property
+    def head_module(self) -> nn.Module:
+        """The module holding the output projection (the embedding when tied)."""
+        return getattr(self._language, "lm_head", None) or self.embed_tokens
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final-normed hidden states -> logits, exactly as the model's own forward does."""
+        module = self.head_module
+        out = module.as_linear(h) if module is self.embed_tokens else module(h)
+        cap = self.logit_softcap
+        if cap:
+            out = mx.tanh(out / cap) * cap
+        return out
+
+    def _check_head(self) -> None:
+        # Our forward is `head(inner(x))` so prefill can skip the vocab projection of all but
+        # the last row. Refuse families where that is not the model's own forward.
+        probe = mx.array([[1, 2, 3]])
+        try:
+            ours = self.head(self.inner(probe, cache=None))
+            theirs = self.model(probe)
+        except Exception as e:  # noqa: BLE001 - any failure here means an unsupported layout
+            raise SpecDecError(
+                f"{self.name}: model type '{self.model_type}' has a layout mlx-specdec does not "
+                f"support for speculation ({type(e).__name__}: {e}); use --mode baseline"
+            ) from None
+        if ours.shape != theirs.shape or not mx.allclose(
+            ours.astype(mx.float32), theirs.astype(mx.float32), atol=1e-3, rtol=1e-3
+        ):
+            raise SpecDecError(
+                f"{self.name}: model type '{self.model_type}' computes its logits in a way "
+                "mlx-specdec does not reproduce; use --mode baseline"
+            )
+
+    # ----------------------------------------------------------------------------- taps
+    def set_taps(self, layer_ids: Sequence[int]) -> None:
+        """Capture the outputs of these decoder layers (0-based, concatenated in this order)."""
+        ids = tuple(int(i) for i in layer_ids)
+        for i in ids:
+            if not 0 <= i < self.num_layers - 1:
+                raise SpecDecError(
+                    f"drafter taps target layer {i}, but {self.name} has {self.num_layers} layers "
+                    f"(taps must be in 0..{self.num_layers - 2}); the drafter was made for "
+                    "another target"
+                )
+        for i in ids:
+            layer = self.layers[i]
+            if type(layer) not in _TAPPED_CLASSES.values():
+                layer.__class__ = _tapped_class(type(layer))
+            layer._tap_sink = self._sink
+            layer._tap_id = i
+        self.tap_ids = ids
+
+    # ----------------------------------------------------------------------------- forward
+    def __call__(
+        self, ids: mx.array, cache: list[Any], *, last_only: bool = False
+    ) -> tuple[mx.array, mx.array | None]:
+        """Forward `ids` ([T] int) on top of `cache`. Returns (logits [T or 1, V], taps [T, m*H])."""
+        self._sink.values.clear()
+        h = self.inner(ids[None], cache=cache)
+        taps = None
+        if self.tap_ids:
+            taps = mx.concatenate([self._sink.values[i] for i in self.tap_ids], axis=-1)[0]
+            self._sink.values.clear()
+        if last_only:
+            h = h[:, -1:]
+        return self.head(h)[0], taps
+
+    def prefill(self, ids: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array | None]:
+        """Process a prompt in chunks; returns (logits of the last row [V], taps of all rows)."""
+        taps: list[mx.array] = []
+        logits = None
+        for s in range(0, ids.shape[0], PREFILL_STEP):
+            chunk = ids[s : s + PREFILL_STEP]
+            last = s + PREFILL_STEP >= ids.shape[0]
+            logits, t = self(chunk, cache, last_only=True)
+            if t is not None:
+                taps.append(t)
+            mx.eval([c.state for c in cache] + taps[-1:] + ([logits] if last else []))
+        assert logits is not None
+        return logits[-1], (mx.concatenate(taps, axis=0) if taps else None)
+
+    # ----------------------------------------------------------------------------- cache
+    def make_cache(self) -> list[Any]:
+        """A cache every layer of which can be rolled back exactly.
+
+        Sliding-window layers get a plain `KVCache` instead of mlx-lm's `RotatingKVCache`: the
+        rotating buffer cannot be trimmed once full, which silently corrupts speculation. The
+        attention masks still honour the window; the cost is keeping the whole context for
+        those layers (O(context) memory instead of O(window)).
+        """
+        cache = make_prompt_cache(self.model)
+        out = []
+        for c in cache:
+            if isinstance(c, RotatingKVCache):
+                c = KVCache()
+            if not isinstance(c, KVCache | QuantizedKVCache):
+                raise SpecDecError(
+                    f"{self.name}: its {type(c).__name__} layers keep a recurrent state that "
+                    "cannot be rolled back exactly, so speculation would change the output; "
+                    "use --mode baseline"
+                )
+            out.append(c)
+        return out
+
+    @staticmethod
+    def rollback(cache: list[Any], n: int) -> None:
+        """Drop the last `n` positions of every layer (exact for KVCache: only the offset moves)."""
+        if n > 0:
+            for c in cache:
+                c.trim(n)
