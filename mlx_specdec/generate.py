@@ -80,7 +80,9 @@ def encode_prompt(
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs))
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise SpecDecError("prompt must be a string, a list of chat messages or a list of token ids")
+        raise SpecDecError(
+            "prompt must be a string, a list of chat messages or a list of token ids"
+        )
     return prompt
 
 

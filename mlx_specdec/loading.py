@@ -12,15 +12,23 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import registry
-from .drafters import FAMILIES, family_of
+from .drafters import family_of
 from .drafters.base import Drafter
 from .drafters.layers import quantize_drafter
 from .errors import SpecDecError
 from .target import Target
 
 DRAFTER_BITS = (4, 8, 16, 32)
-_TARGET_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
-                 "*.txt", "*.jsonl", "*.jinja"]
+_TARGET_FILES = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+]
 _DRAFTER_FILES = ["*.json", "*.safetensors"]
 
 
@@ -71,7 +79,9 @@ def resolve_path(repo_or_path: str, what: str, allow_patterns: list[str]) -> Pat
             "in with `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
-        raise SpecDecError(f"{what} '{repo_or_path}' does not exist on the Hugging Face Hub") from None
+        raise SpecDecError(
+            f"{what} '{repo_or_path}' does not exist on the Hugging Face Hub"
+        ) from None
     except (OSError, ValueError) as e:
         raise SpecDecError(f"cannot download {what} '{repo_or_path}': {e}") from None
 

@@ -117,13 +117,13 @@ def speculate(
         accepted, bonus = run.accepted.item(), run.next_token.item()
         committed = proposed[:accepted] + [bonus]
         finished = False
+        Target.rollback(cache, len(proposed) - accepted)
         for i, t in enumerate(committed):
             if t in eos_ids:  # an accepted stop token ends generation; no bonus after it
-                committed, finished = committed[: i + 1], True
+                committed, accepted, finished = committed[: i + 1], min(accepted, i + 1), True
                 break
         produced += len(committed)
         finished = finished or produced >= max_new_tokens
-        Target.rollback(cache, len(proposed) - accepted)
         if not finished:
             next_tokens = mx.array(committed, dtype=mx.int32)
             pending = launch(next_tokens[-1:], run.taps[: accepted + 1], next_tokens)
