@@ -10,7 +10,11 @@ from collections.abc import Sequence
 from .errors import SpecDecError
 
 # Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
-EXTERNAL_COMMANDS: dict[str, str] = {}
+EXTERNAL_COMMANDS: dict[str, str] = {
+    "bench": "mlx_specdec.bench",
+    "train-drafter": "mlx_specdec.train",
+    "serve": "mlx_specdec.server.cli",
+}
 
 
 def positive_int(text: str) -> int:
@@ -66,9 +70,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[auto] no drafter known for '{config.target}': plain decoding", file=sys.stderr)
     elif args.mode == "auto":
         print(f"[auto] {config.mode} drafter {config.drafter}", file=sys.stderr)
-    ids = encode_prompt(
-        tokenizer, prompt, chat=not args.no_chat, enable_thinking=False if args.no_thinking else None
-    )
+    thinking = False if args.no_thinking else None
+    ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat, enable_thinking=thinking)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

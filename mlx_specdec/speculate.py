@@ -66,7 +66,7 @@ def speculate(
     *,
     max_new_tokens: int,
     max_draft: int | None = None,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams | None = None,
     eos_ids: Collection[int] = (),
     confidence_threshold: float = 0.0,
     cache: list[Any] | None = None,
@@ -77,6 +77,7 @@ def speculate(
     if max_new_tokens < 1:
         return
     cap = check_max_draft(max_draft, drafter)
+    params = params or SamplingParams()
     if params.seed is not None:
         mx.random.seed(params.seed)
     cache = target.make_cache() if cache is None else cache
