@@ -95,10 +95,14 @@ class Target:
         """The module holding the output projection (the embedding when tied)."""
         return getattr(self._language, "lm_head", None) or self.embed_tokens
 
+    def project(self, h: mx.array) -> mx.array:
+        """The output projection alone (no soft-cap): tied embedding or lm_head."""
+        module = self.head_module
+        return module.as_linear(h) if module is self.embed_tokens else module(h)
+
     def head(self, h: mx.array) -> mx.array:
         """Final-normed hidden states -> logits, exactly as the model's own forward does."""
-        module = self.head_module
-        out = module.as_linear(h) if module is self.embed_tokens else module(h)
+        out = self.project(h)
         cap = self.logit_softcap
         if cap:
             out = mx.tanh(out / cap) * cap
@@ -147,7 +151,7 @@ class Target:
     def __call__(
         self, ids: mx.array, cache: list[Any], *, last_only: bool = False
     ) -> tuple[mx.array, mx.array | None]:
-        """Forward `ids` ([T] int) on top of `cache`. Returns (logits [T or 1, V], taps [T, m*H])."""
+        """Forward `ids` ([T] int) on top of `cache`: (logits [T or 1, V], taps [T, m*H])."""
         self._sink.values.clear()
         h = self.inner(ids[None], cache=cache)
         taps = None

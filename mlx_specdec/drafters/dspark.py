@@ -1,6 +1,6 @@
-"""DSpark (DeepSpec `Qwen3DSparkModel`): a parallel KV-injection backbone, a sequential low-rank
-Markov head and a confidence head. DeepSpec's DFlash checkpoints are the same class with
-`markov_rank = 0` and no confidence head. Spec: shared/specs/dspark-spec.md."""
+"""DSpark (DeepSpec `Qwen3DSparkModel` / `Gemma4DSparkModel`): a parallel KV-injection backbone, a
+sequential low-rank Markov head and a confidence head. DeepSpec's DFlash checkpoints are the same
+classes with `markov_rank = 0` and no confidence head. Spec: shared/specs/dspark-spec.md."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SpecDecError
-from ..sampling import SamplingParams, draw, probs
+from ..sampling import SamplingParams
 from .base import Proposal
-from ..target import Target
-from .layers import AttentionShape, InjectedDecoderLayer, attention_shape, same_weights
+from .layers import (
+    AttentionShape,
+    InjectedDecoderLayer,
+    TargetCopies,
+    attention_shape,
+    gemma4_attention_shape,
+    gemma_embed_scale,
+    pick,
+)
 
-ARCHITECTURES = ("Qwen3DSparkModel",)
+ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
 MODE = "dspark"
 
 
@@ -34,14 +41,23 @@ class DSparkConfig:
     confidence_head: bool
     confidence_with_markov: bool
     architecture: str
+    gemma: bool = False  # Gemma-4 layers, scaled embeddings, soft-capped logits
+    logit_softcap: float | None = None
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> DSparkConfig:
         missing = [
             k
-            for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                      "num_attention_heads", "vocab_size", "block_size", "mask_token_id",
-                      "target_layer_ids")
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "num_attention_heads",
+                "vocab_size",
+                "block_size",
+                "mask_token_id",
+                "target_layer_ids",
+            )
             if k not in c
         ]
         if missing:
@@ -52,8 +68,12 @@ class DSparkConfig:
                 f"{where}: markov_head_type '{head_type}' is not supported (only 'vanilla', "
                 "the type of every released DSpark checkpoint)"
             )
+        architecture = (c.get("architectures") or ["?"])[0]
+        gemma = architecture == "Gemma4DSparkModel"
+        if gemma:
+            _check_gemma4(c, where)
         return cls(
-            shape=attention_shape(c),
+            shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
             intermediate_size=int(c["intermediate_size"]),
             num_layers=int(c["num_hidden_layers"]),
             vocab_size=int(c["vocab_size"]),
@@ -64,8 +84,25 @@ class DSparkConfig:
             markov_rank=int(c.get("markov_rank", 0)),
             confidence_head=bool(c.get("enable_confidence_head", False)),
             confidence_with_markov=bool(c.get("confidence_head_with_markov", False)),
-            architecture=(c.get("architectures") or ["?"])[0],
+            architecture=architecture,
+            gemma=gemma,
+            logit_softcap=c.get("final_logit_softcapping") if gemma else None,
         )
+
+
+def _check_gemma4(c: dict, where: str) -> None:
+    """Refuse the Gemma-4 options the reference drafter asserts off or that would change it."""
+    if c.get("enable_moe_block"):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with MoE blocks are not supported")
+    if c.get("hidden_size_per_layer_input"):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with per-layer inputs are not supported")
+    # The reference would make the last draft layers KV-shared/double-wide in that case (the
+    # count is inherited from the target: gemma-4-12B's 0, or the E2B/E4B's 20 > draft layers).
+    if 0 < int(c.get("num_kv_shared_layers") or 0) < int(c["num_hidden_layers"]):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with KV-shared layers are not supported")
+    act = c.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise SpecDecError(f"{where}: Gemma-4 drafter activation '{act}' is not supported")
 
 
 class MarkovHead(nn.Module):
@@ -83,7 +120,7 @@ class ConfidenceHead(nn.Module):
         self.proj = nn.Linear(dims, 1, bias=True)
 
 
-class DSparkDrafter(nn.Module):
+class DSparkDrafter(TargetCopies, nn.Module):
     kind = "dspark"
 
     def __init__(self, config: DSparkConfig):
@@ -96,7 +133,8 @@ class DSparkDrafter(nn.Module):
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.layers = [
-            InjectedDecoderLayer(s, config.intermediate_size) for _ in range(config.num_layers)
+            InjectedDecoderLayer(s, config.intermediate_size, gemma=config.gemma)
+            for _ in range(config.num_layers)
         ]
         self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
@@ -105,39 +143,17 @@ class DSparkDrafter(nn.Module):
         if config.confidence_head:
             extra = config.markov_rank if config.confidence_with_markov else 0
             self.confidence_head = ConfidenceHead(s.hidden_size + extra)
-        # Set by `share_target_tensors` when our copies equal the target's own tensors; plain
-        # attributes, so the target's weights never count as (or get loaded into) ours.
-        object.__setattr__(self, "_shared", {})
-
-    def _embed(self, ids: mx.array) -> mx.array:
-        return self._shared.get("embed_tokens", self.get("embed_tokens"))(ids)
-
-    def _head(self, h: mx.array) -> mx.array:
-        if "lm_head" in self._shared:
-            return self._shared["lm_head"](h)
-        return self.lm_head(h)
-
-    def share_target_tensors(self, target: Target) -> list[str]:
-        """Use the target's embedding / head instead of our identical copies; returns what was
-        shared. Runs before quantization (it compares full-precision copies); the target's
-        modules live outside our module tree, so quantizing us never touches them."""
-        shared = []
-        own = self.get("embed_tokens")
-        if isinstance(own, nn.Embedding) and same_weights(own.weight, target.embed_tokens):
-            self.pop("embed_tokens")
-            self._shared["embed_tokens"] = target.embed_tokens
-            shared.append("embed_tokens")
-        own = self.get("lm_head")
-        if isinstance(own, nn.Linear) and same_weights(own.weight, target.head_module):
-            self.pop("lm_head")
-            self._shared["lm_head"] = target.head
-            shared.append("lm_head")
-        return shared
+        object.__setattr__(self, "_shared", {})  # see TargetCopies
+        if config.gemma:
+            self._embed_scale = gemma_embed_scale(s.hidden_size)
+            self._logit_softcap = config.logit_softcap
 
     def new_state(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def backbone(self, block: mx.array, context: mx.array | None, caches: list[KVCache]) -> mx.array:
+    def backbone(
+        self, block: mx.array, context: mx.array | None, caches: list[KVCache]
+    ) -> mx.array:
         """Block ids [B] (anchor then masks) + new context taps -> normed hidden states [B, H]."""
         x = self._embed(block)[None]
         c = self.hidden_norm(self.fc(context))[None] if context is not None else None
@@ -156,27 +172,23 @@ class DSparkDrafter(nn.Module):
     ) -> Proposal:
         cfg = self.config
         anchor = next_tokens[-1:].astype(mx.int32)
-        block = mx.concatenate([anchor, mx.full((cfg.block_size - 1,), cfg.mask_token_id, mx.int32)])
+        block = mx.concatenate(
+            [anchor, mx.full((cfg.block_size - 1,), cfg.mask_token_id, mx.int32)]
+        )
         h = self.backbone(block, context, state)[:n]
         logits = self._head(h)
         if not cfg.markov_rank:  # DFlash-style: slots are independent
-            if params.greedy:
-                return Proposal(mx.argmax(logits, axis=-1).astype(mx.int32))
-            q = probs(logits, params)
-            return Proposal(draw(q).astype(mx.int32), q)
+            return Proposal(*pick(logits, params))
         # Markov: slot k's bias depends on the token drawn at slot k-1 (the anchor for k = 0).
         w1, w2 = self.markov_head.markov_w1, self.markov_head.markov_w2
         prev = anchor
         tokens, qs, prevs = [], [], []
         for k in range(n):
             prevs.append(prev)
-            z = logits[k : k + 1] + w2(w1(prev))
-            if params.greedy:
-                prev = mx.argmax(z, axis=-1).astype(mx.int32)
-            else:
-                qs.append(probs(z, params))
-                prev = draw(qs[-1]).astype(mx.int32)
+            prev, q = pick(logits[k : k + 1] + w2(w1(prev)), params)
             tokens.append(prev)
+            if q is not None:
+                qs.append(q)
         proposal = Proposal(
             mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32),
             mx.concatenate(qs) if qs else None,

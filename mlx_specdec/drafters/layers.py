@@ -1,15 +1,19 @@
 """Layers shared by the drafters: attention with injected target context, the draft decoder
-layer, and the quantize/share helpers every drafter loader uses."""
+layer (Qwen3 or Gemma-4 style), and the quantize/share helpers every drafter loader uses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.gemma4_text import RMSNormNoScale, geglu
 from mlx_lm.models.qwen3 import MLP
+from mlx_lm.models.rope_utils import initialize_rope
+
+from ..sampling import SamplingParams, draw, probs
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,12 @@ class AttentionShape:
     rms_norm_eps: float
     rope_theta: float
     attention_bias: bool = False
+    # Gemma-4 options (defaults are Qwen3's):
+    rope_type: str = "default"  # "proportional": only a leading fraction of frequencies rotate
+    partial_rotary_factor: float = 1.0
+    k_eq_v: bool = False  # no v_proj: values are the k_proj output (before k_norm and RoPE)
+    v_norm: bool = False  # values go through a weightless RMSNorm
+    scale: float | None = None  # None: head_dim ** -0.5
 
 
 def _heads(x: mx.array, n: int, d: int) -> mx.array:
@@ -29,12 +39,13 @@ def _heads(x: mx.array, n: int, d: int) -> mx.array:
 
 
 class InjectedAttention(nn.Module):
-    """Qwen3-style attention whose keys/values are [cached context rows ; new context ; block].
+    """Attention whose keys/values are [cached context rows ; new context ; block].
 
     Queries come only from the block. Context rows are projected with the same k/v weights as
     the block (KV injection, DFlash/DSpark), normed, RoPE'd at their absolute positions and
     appended to `cache`; block keys/values are used once and dropped. `mask=None` means every
-    block query sees every context row and every block row (bidirectional).
+    block query sees every context row and every block row (bidirectional). The Gemma-4 options
+    of `AttentionShape` (K=V, weightless v_norm, scale, proportional RoPE) switch the variant.
     """
 
     def __init__(self, s: AttentionShape):
@@ -42,16 +53,24 @@ class InjectedAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
         self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.attention_bias)
         self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
+        if not s.k_eq_v:
+            self.v_proj = nn.Linear(
+                s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias
+            )
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
         self.q_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
         self.k_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
-        self.rope = nn.RoPE(s.head_dim, traditional=False, base=s.rope_theta)
-        self.scale = s.head_dim**-0.5
+        if s.v_norm:
+            self.v_norm = RMSNormNoScale(s.head_dim, eps=s.rms_norm_eps)
+        self.rope = make_rope(s)
+        self.scale = s.head_dim**-0.5 if s.scale is None else s.scale
 
     def keys_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
-        k = self.rope(self.k_norm(_heads(self.k_proj(x), self.n_kv, self.head_dim)), offset=offset)
-        v = _heads(self.v_proj(x), self.n_kv, self.head_dim)
+        raw_k = _heads(self.k_proj(x), self.n_kv, self.head_dim)
+        k = self.rope(self.k_norm(raw_k), offset=offset)
+        v = _heads(self.v_proj(x), self.n_kv, self.head_dim) if "v_proj" in self else raw_k
+        if "v_norm" in self:
+            v = self.v_norm(v)
         return k, v
 
     def __call__(
@@ -64,7 +83,9 @@ class InjectedAttention(nn.Module):
         else:
             ctx_k = ctx_v = None
         start = cache.offset
-        q = self.rope(self.q_norm(_heads(self.q_proj(x), self.n_heads, self.head_dim)), offset=start)
+        q = self.rope(
+            self.q_norm(_heads(self.q_proj(x), self.n_heads, self.head_dim)), offset=start
+        )
         k, v = self.keys_values(x, start)
         if ctx_k is not None:
             k, v = mx.concatenate([ctx_k, k], axis=2), mx.concatenate([ctx_v, v], axis=2)
@@ -72,29 +93,71 @@ class InjectedAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
 
 
-class InjectedDecoderLayer(nn.Module):
-    """Pre-norm Qwen3 block whose attention also reads the injected context."""
+class GeluMLP(MLP):
+    """Gemma's gated MLP: same projections as Qwen3's, gelu-tanh instead of SiLU."""
 
-    def __init__(self, s: AttentionShape, intermediate_size: int):
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class InjectedDecoderLayer(nn.Module):
+    """A draft block whose attention also reads the injected context: pre-norm Qwen3 style, or
+    with `gemma=True` Gemma-4 style (sandwich norms around attention and MLP, gelu-tanh MLP, and
+    the output scaled by the stored `layer_scalar`)."""
+
+    def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
         super().__init__()
+        self.gemma = gemma
         self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.self_attn = InjectedAttention(s)
         self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.mlp = MLP(s.hidden_size, intermediate_size)
+        self.mlp = (GeluMLP if gemma else MLP)(s.hidden_size, intermediate_size)
+        if gemma:
+            self.pre_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+            self.post_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+            self.layer_scalar = mx.ones((1,))
 
     def __call__(
         self, x: mx.array, context: mx.array | None, cache: KVCache, mask: Any = None
     ) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), context, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), context, cache, mask)
+        if not self.gemma:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+def rope_parameters(config: dict) -> dict:
+    """The RoPE settings of full-attention layers: transformers-5 `rope_parameters` (Gemma-4
+    keeps one entry per layer type), or the older `rope_theta`/`rope_scaling` spelling."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get("full_attention", params)
 
 
 def rope_theta(config: dict) -> float:
     """RoPE base from either the transformers-5 `rope_parameters` or the older spelling."""
-    params = config.get("rope_parameters") or {}
-    if "full_attention" in params:
-        params = params["full_attention"]
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    theta = rope_parameters(config).get("rope_theta") or config.get("rope_theta") or 10000.0
+    return float(theta)
+
+
+def make_rope(s: AttentionShape) -> nn.Module:
+    """RoPE over the full head dim. `proportional` (Gemma-4 global layers) is mlx-lm's: explicit
+    periods theta^(2k/d) for the first `factor * d / 2` pairs and infinite periods for the rest,
+    pairing dims (k, k + d/2). A partial-rotary RoPE over `factor * d` dims would pair
+    (k, k + factor * d / 2) instead, which is wrong for these checkpoints."""
+    if s.rope_type == "proportional":
+        return initialize_rope(
+            s.head_dim,
+            base=s.rope_theta,
+            traditional=False,
+            scaling_config={
+                "rope_type": "proportional",
+                "partial_rotary_factor": s.partial_rotary_factor,
+            },
+        )
+    return nn.RoPE(s.head_dim, traditional=False, base=s.rope_theta)
 
 
 def attention_shape(config: dict) -> AttentionShape:
@@ -110,6 +173,28 @@ def attention_shape(config: dict) -> AttentionShape:
     )
 
 
+def gemma4_attention_shape(config: dict) -> AttentionShape:
+    """Draft attention on a Gemma-4 text config: always the *global* (full-attention) geometry,
+    K=V with `num_global_key_value_heads` when `attention_k_eq_v`, a weightless v_norm, scale 1
+    (the q/k norms do the scaling) and the `full_attention` RoPE (proportional)."""
+    base = attention_shape(config)
+    k_eq_v = bool(config.get("attention_k_eq_v", False))
+    n_kv = base.num_kv_heads
+    if k_eq_v and config.get("num_global_key_value_heads") is not None:
+        n_kv = int(config["num_global_key_value_heads"])
+    rope = rope_parameters(config)
+    return replace(
+        base,
+        num_kv_heads=n_kv,
+        head_dim=int(config.get("global_head_dim") or base.head_dim),
+        rope_type=str(rope.get("rope_type", "default")),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+        k_eq_v=k_eq_v,
+        v_norm=True,
+        scale=1.0,
+    )
+
+
 def quantize_drafter(model: nn.Module, bits: int, group_size: int = 64) -> None:
     """Quantize every Linear/Embedding whose input width the group size divides (4 or 8 bits);
     16 keeps the checkpoint's dtype, 32 upcasts to float32 (fastest on CPUs with OpenBLAS)."""
@@ -120,8 +205,9 @@ def quantize_drafter(model: nn.Module, bits: int, group_size: int = 64) -> None:
             model,
             group_size=group_size,
             bits=bits,
-            class_predicate=lambda _, m: isinstance(m, nn.Linear | nn.Embedding)
-            and m.weight.shape[-1] % group_size == 0,
+            class_predicate=lambda _, m: (
+                isinstance(m, nn.Linear | nn.Embedding) and m.weight.shape[-1] % group_size == 0
+            ),
         )
 
 
@@ -137,6 +223,57 @@ def same_weights(weight: mx.array, module: nn.Module) -> bool:
             return False
         packed = mx.quantize(weight, group_size=module.group_size, bits=module.bits)
         theirs = (module.weight, module.scales, module.biases)
-        return all(a.shape == b.shape and mx.array_equal(a, b).item() for a, b in zip(packed, theirs))
+        return all(
+            a.shape == b.shape and mx.array_equal(a, b).item() for a, b in zip(packed, theirs)
+        )
     other = module.weight
     return other.shape == weight.shape and mx.array_equal(other, weight).item()
+
+
+def pick(logits: mx.array, params: SamplingParams) -> tuple[mx.array, mx.array | None]:
+    """Rows of draft logits -> (tokens [n] int32, q [n, V] they were drawn from, None if greedy)."""
+    if params.greedy:
+        return mx.argmax(logits, axis=-1).astype(mx.int32), None
+    q = probs(logits, params)
+    return draw(q).astype(mx.int32), q
+
+
+class TargetCopies:
+    """Mixin for drafters whose checkpoints carry their own copies of the target's embedding
+    (`embed_tokens`) and LM head (`lm_head`): `share_target_tensors` swaps identical copies for
+    the target's modules. Subclasses set `object.__setattr__(self, "_shared", {})` in __init__
+    (a plain attribute, so the target's weights never count as, or get loaded into, ours).
+    Gemma drafters also set `_embed_scale` (`gemma_embed_scale`) and `_logit_softcap`."""
+
+    _embed_scale: float | None = None
+    _logit_softcap: float | None = None
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        x = self._shared.get("embed_tokens", self.get("embed_tokens"))(ids)
+        return x if self._embed_scale is None else x * self._embed_scale
+
+    def _head(self, h: mx.array) -> mx.array:
+        out = self._shared.get("lm_head", self.get("lm_head"))(h)
+        cap = self._logit_softcap
+        return mx.tanh(out / cap) * cap if cap else out
+
+    def share_target_tensors(self, target: Any) -> list[str]:
+        """Runs before quantization (it compares full-precision copies); the target's modules
+        live outside our module tree, so quantizing us never touches them."""
+        shared = []
+        own = self.get("embed_tokens")
+        if isinstance(own, nn.Embedding) and same_weights(own.weight, target.embed_tokens):
+            self.pop("embed_tokens")
+            self._shared["embed_tokens"] = target.embed_tokens
+            shared.append("embed_tokens")
+        own = self.get("lm_head")
+        if isinstance(own, nn.Linear) and same_weights(own.weight, target.head_module):
+            self.pop("lm_head")
+            self._shared["lm_head"] = target.project  # no soft-cap: `_head` applies ours
+            shared.append("lm_head")
+        return shared
+
+
+def gemma_embed_scale(hidden_size: int) -> float:
+    """Gemma's embedding scale sqrt(H) as the bf16 checkpoints apply it (62.0 for H=3840)."""
+    return mx.array(hidden_size**0.5, dtype=mx.bfloat16).item()
