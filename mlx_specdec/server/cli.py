@@ -1,0 +1,107 @@
+"""`mlx-specdec serve`: the OpenAI-compatible server from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..cli import add_model_arguments, add_sampling_arguments, positive_int
+from ..errors import SpecDecError
+
+HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MLX_SPECDEC_API_KEY"),
+        help="require this key on every route but /health (default: $MLX_SPECDEC_API_KEY)",
+    )
+    p.add_argument("--served-model-name", help="model id clients see (default: --model)")
+    p.add_argument("--no-thinking", action="store_true", help="thinking off unless asked for")
+    p.add_argument(
+        "--max-queue", type=positive_int, default=16, help="requests that may wait; more get 503"
+    )
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=512, help="when a request gives no max_tokens"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=positive_int, default=8192, help="largest max_tokens accepted"
+    )
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, in MiB")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser pages from this origin (repeatable; none by default)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import ServerSettings, create_app
+        from .engine import Engine
+    except ImportError as e:
+        raise SpecDecError(
+            f"the server needs extra packages ({e.name} is missing): "
+            "pip install 'mlx-specdec[server]'"
+        ) from None
+    from ..loading import load_pair
+    from ..sampling import SamplingParams
+    from ..speculate import check_max_draft
+
+    if args.max_tokens > args.max_tokens_limit:
+        raise SpecDecError("--max-tokens cannot be above --max-tokens-limit")
+    if args.max_body_mb <= 0:
+        raise SpecDecError("--max-body-mb must be > 0")
+    if not 0 <= args.confidence_threshold < 1:
+        raise SpecDecError("--confidence-threshold must be in [0, 1)")
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
+    target, tokenizer, drafter, config = load_pair(
+        args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
+    )
+    if drafter is not None:
+        check_max_draft(args.max_draft, drafter)  # fail at start, not on every request
+    engine = Engine(
+        target,
+        tokenizer,
+        drafter,
+        config,
+        max_queue=args.max_queue,
+        max_draft=args.max_draft,
+        confidence_threshold=args.confidence_threshold,
+    )
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model,
+        api_key=args.api_key or None,
+        enable_thinking=False if args.no_thinking else None,
+        default_max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        cors_origins=args.cors_origin,
+        sampling={
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "min_p": sampling.min_p,
+            "seed": sampling.seed,
+        },
+    )
+    drafter_note = f"{config.mode} drafter {config.drafter}" if drafter else "no drafter"
+    print(
+        f"mlx-specdec: serving {settings.model_name} ({drafter_note}) at "
+        f"http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level
+    )
+    return 0

@@ -1,0 +1,208 @@
+"""The one generation worker: a thread that owns MLX and serves requests in arrival order.
+
+HTTP handlers (on the asyncio loop) submit a `Job` and read its results from an asyncio queue;
+setting `job.cancel` (client gone, stop sequence seen) ends the generation at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..drafters.base import Drafter
+from ..errors import SpecDecError
+from ..generate import GenerationResult, stream_speculative_generate
+from ..loading import PairConfig
+from ..speculate import Round
+from ..target import Target
+
+log = logging.getLogger("mlx_specdec.server")
+
+
+class EngineBusy(Exception):
+    """The waiting line is full; `retry_after` is a guess in seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the server is busy: too many requests are waiting")
+        self.retry_after = retry_after
+
+
+class Metrics:
+    """Prometheus series, in a registry of their own (one per app, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "specdec_requests",
+            "Requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("specdec_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated_tokens = Counter("specdec_generated_tokens", "Generated tokens", registry=r)
+        self.accept_length = Histogram(
+            "specdec_accept_length",
+            "Tokens committed per verify round (accepted drafts + 1)",
+            buckets=[1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32],
+            registry=r,
+        )
+        self.decode_tps = Histogram(
+            "specdec_decode_tokens_per_second",
+            "Decode speed per request",
+            buckets=[1, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000],
+            registry=r,
+        )
+        self.queued = Gauge("specdec_queue_depth", "Requests waiting for the engine", registry=r)
+        self.busy = Gauge("specdec_busy", "1 while a request is generating", registry=r)
+
+
+@dataclass
+class Job:
+    """One request's generation. Items on `out`: `GenerationChunk`s, then a final
+    `GenerationResult` or an exception."""
+
+    ids: list[int]
+    options: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
+            self.cancel.set()
+
+
+class Engine:
+    """A loaded target/drafter pair behind a bounded first-come-first-served queue."""
+
+    def __init__(
+        self,
+        target: Target,
+        tokenizer: Any,
+        drafter: Drafter | None,
+        config: PairConfig,
+        *,
+        max_queue: int = 16,
+        max_draft: int | None = None,
+        confidence_threshold: float = 0.0,
+    ) -> None:
+        if max_queue < 1:
+            raise SpecDecError(f"--max-queue must be >= 1, got {max_queue}")
+        self.target, self.tokenizer, self.drafter, self.config = target, tokenizer, drafter, config
+        self.max_draft, self.confidence_threshold = max_draft, confidence_threshold
+        self.metrics = Metrics()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._mean_seconds = 1.0  # running mean of a request's duration, for Retry-After
+        self.busy = False
+        self._thread = threading.Thread(target=self._work, name="specdec-engine", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, ids: list[int], options: dict[str, Any]) -> Job:
+        job = Job(ids, options, asyncio.get_running_loop())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            wait = self._mean_seconds * (self.queued + 1)
+            raise EngineBusy(max(1, math.ceil(wait))) from None
+        self.metrics.queued.set(self.queued)
+        return job
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self.metrics.queued.set(self.queued)
+            if job.cancel.is_set():  # gave up while waiting
+                continue
+            self.busy = True
+            self.metrics.busy.set(1)
+            started = time.perf_counter()
+            try:
+                job.put(self._generate(job))
+            except SpecDecError as e:
+                job.put(e)
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+                log.exception("generation failed")
+                job.put(e)
+            finally:
+                self.busy = False
+                self.metrics.busy.set(0)
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (
+                    time.perf_counter() - started
+                )
+
+    def _generate(self, job: Job) -> GenerationResult:
+        """Stream chunks to the job; on cancel, close the generator (no further round runs) and
+        build the result from what was committed so far."""
+        tokens: list[int] = []
+        rounds: list[Round] = []
+        t0 = time.perf_counter()
+        t_first = None
+        stream = stream_speculative_generate(
+            self.target,
+            self.tokenizer,
+            self.drafter,
+            job.ids,
+            max_draft=self.max_draft,
+            confidence_threshold=self.confidence_threshold,
+            **job.options,
+        )
+        try:
+            for chunk in stream:
+                if chunk.result is not None:
+                    result = chunk.result
+                    break
+                t_first = t_first or time.perf_counter()
+                tokens += chunk.tokens
+                if chunk.round is not None:
+                    rounds.append(chunk.round)
+                job.put(chunk)
+                if job.cancel.is_set():
+                    now = time.perf_counter()
+                    result = GenerationResult(
+                        "",
+                        tokens,
+                        rounds,
+                        len(job.ids),
+                        t_first - t0,
+                        now - t_first,
+                        "stop",
+                        self.drafter.kind if self.drafter else "baseline",
+                    )
+                    break
+        finally:
+            stream.close()
+        self._record(result)
+        return result
+
+    def _record(self, result: GenerationResult) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(result.prompt_tokens)
+        m.generated_tokens.inc(len(result.tokens))
+        for r in result.rounds:
+            m.accept_length.observe(len(r.committed))
+        if result.decode_seconds > 0:
+            m.decode_tps.observe(result.tokens_per_sec)
