@@ -191,6 +191,10 @@ def test_thinking_toggle(client, pair):
     on = client.chat.completions.create(model="any", messages=ONLY_HELLO, max_tokens=24)
     assert on.choices[0].message.content == answer
     assert "<think>" not in on.choices[0].message.content
+    streamed = client.chat.completions.create(
+        model="any", messages=ONLY_HELLO, max_tokens=24, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == answer
     off = client.chat.completions.create(
         model="any",
         messages=ONLY_HELLO,
