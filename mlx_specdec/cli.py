@@ -24,6 +24,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def draft_cap(text: str) -> int | None:
+    """--max-draft: N >= 1 verifies the first N drafts of a round; 0 means the drafter's full
+    block (None, as when the flag is absent)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = full block), got {value}")
+    return value or None
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that pick and load a target/drafter pair (shared by generate, serve, bench)."""
     p.add_argument("--model", help="target: Hugging Face repo id or local folder")
@@ -44,7 +53,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-draft", type=positive_int, help="drafts verified per round (cap)")
+    p.add_argument(
+        "--max-draft", type=draft_cap, help="drafts verified per round (cap; 0 = full block)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import SpecDecError
-from . import dspark
+from . import dflash, dspark, eagle3
 
-FAMILIES: tuple[ModuleType, ...] = (dspark,)
+FAMILIES: tuple[ModuleType, ...] = (dspark, dflash, eagle3)
 
 _REFUSED = {
     "DFlash2DraftModel": "DFlash-2 checkpoints (candidate selector + dynamic convolutions) are "
@@ -24,8 +24,10 @@ def family_of(config: dict, what: str) -> ModuleType:
     if arch in _REFUSED:
         raise SpecDecError(f"{what}: {_REFUSED[arch]}")
     known = ", ".join(a for f in FAMILIES for a in f.ARCHITECTURES)
-    if isinstance(arch, str) and arch.endswith("ForCausalLM"):
+    plain = arch is None and "model_type" in config and "target_layer_ids" not in config
+    if plain or (isinstance(arch, str) and arch.endswith("ForCausalLM")):
         raise SpecDecError(
-            f"{what} is a plain language model ({arch}), not a drafter; drafters supported: {known}"
+            f"{what} is a plain language model ({arch or config['model_type']}), not a drafter; "
+            f"drafters supported: {known}"
         )
     raise SpecDecError(f"{what} has unknown drafter architecture '{arch}'; supported: {known}")

@@ -1,0 +1,172 @@
+"""EAGLE3 (DeepSpec `Qwen3Eagle3Model`): one decoder layer that drafts autoregressively. Spec:
+shared/specs/dspark-spec.md §5.2.
+
+Each row pairs a hidden state with a token: the fused target taps of position i (or, inside a
+chain, the drafter's own previous output) with the token at i + 1, at RoPE position i. The layer
+keeps its own KV cache of committed rows. Each round it drops last round's chain rows, appends
+the newly committed (taps, next token) rows, drafts from the last row's output, then feeds each
+draft back with its own output hidden state, one 1-row forward per further draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.qwen3 import MLP
+
+from ..errors import SpecDecError
+from ..sampling import SamplingParams
+from .base import Proposal
+from .layers import AttentionShape, InjectedAttention, TargetCopies, _heads, attention_shape, pick
+
+ARCHITECTURES = ("Qwen3Eagle3Model",)
+MODE = "eagle3"
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    shape: AttentionShape
+    intermediate_size: int
+    vocab_size: int
+    target_layer_ids: tuple[int, ...]
+    ttt_length: int
+
+    @classmethod
+    def from_dict(cls, c: dict, where: str = "config.json") -> Eagle3Config:
+        missing = [
+            k
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "num_attention_heads",
+                "vocab_size",
+                "target_layer_ids",
+            )
+            if k not in c
+        ]
+        if missing:
+            raise SpecDecError(f"{where}: EAGLE3 drafter config lacks {', '.join(missing)}")
+        # Re-extending the cache with several committed rows at once, unmasked, is exact only
+        # for one layer (each row's K/V then depends on that row alone).
+        if int(c["num_hidden_layers"]) != 1:
+            raise SpecDecError(
+                f"{where}: EAGLE3 drafters with {c['num_hidden_layers']} layers are not supported "
+                "(only the 1-layer checkpoints DeepSpec releases)"
+            )
+        ttt = int(c.get("ttt_length", 7))
+        if ttt < 1:
+            raise SpecDecError(f"{where}: ttt_length must be >= 1, got {ttt}")
+        return cls(
+            shape=attention_shape(c),
+            intermediate_size=int(c["intermediate_size"]),
+            vocab_size=int(c["vocab_size"]),
+            target_layer_ids=tuple(int(i) for i in c["target_layer_ids"]),
+            ttt_length=ttt,
+        )
+
+
+class Eagle3Attention(InjectedAttention):
+    """Qwen3 attention over the drafter's own cache; q/k/v read [embedding ; hidden] (2H)."""
+
+    def __init__(self, s: AttentionShape):
+        super().__init__(replace(s, hidden_size=2 * s.hidden_size))
+        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
+
+    def __call__(self, x: mx.array, cache: KVCache) -> mx.array:
+        """x [1, T, 2H]: every row's K/V joins the cache, only the last row queries. It sees all
+        cached rows, so the reference's causal (prefill) and unmasked (re-extend) forwards agree
+        on it, and the other rows' outputs are never used."""
+        k, v = cache.update_and_fetch(*self.keys_values(x, cache.offset))
+        q = _heads(self.q_proj(x[:, -1:]), self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(q), offset=cache.offset - 1)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, s: AttentionShape, intermediate_size: int):
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.self_attn = Eagle3Attention(s)
+        self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.mlp = MLP(s.hidden_size, intermediate_size)
+
+    def __call__(self, embeds: mx.array, hidden: mx.array, cache: KVCache) -> mx.array:
+        """embeds, hidden [1, T, H] -> the last row's output hidden state [1, 1, H] (pre-norm;
+        it is also the next chain step's hidden input)."""
+        x = mx.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
+        h = hidden[:, -1:] + self.self_attn(x, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+@dataclass
+class Eagle3State:
+    cache: KVCache
+    committed: int = 0  # cache rows of committed tokens; the rest are last round's chain rows
+
+
+class Eagle3Drafter(TargetCopies, nn.Module):
+    kind = "eagle3"
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        s = config.shape
+        self.config = config
+        self.tap_ids = config.target_layer_ids
+        self.max_draft = config.ttt_length
+        self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
+        self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
+        self.layers = [Eagle3Layer(s, config.intermediate_size)]
+        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
+        object.__setattr__(self, "_shared", {})
+
+    def new_state(self) -> Eagle3State:
+        return Eagle3State(KVCache())
+
+    def extend(self, state: Eagle3State, context: mx.array, next_tokens: mx.array) -> mx.array:
+        """Drop last round's chain rows, append the committed (taps, next token) rows; returns the
+        last row's output hidden state [1, 1, H]."""
+        state.cache.trim(state.cache.offset - state.committed)
+        h = self.layers[0](self._embed(next_tokens)[None], self.fc(context)[None], state.cache)
+        state.committed = state.cache.offset
+        return h
+
+    def step(self, state: Eagle3State, token: mx.array, h: mx.array) -> mx.array:
+        """One chain step: the token just drafted [1] with the output hidden state it came from."""
+        return self.layers[0](self._embed(token)[None], h, state.cache)
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self._head(self.norm(h[0]))
+
+    def propose(
+        self,
+        state: Eagle3State,
+        context: mx.array,
+        next_tokens: mx.array,
+        n: int,
+        params: SamplingParams,
+        with_confidence: bool = False,
+    ) -> Proposal:
+        h = self.extend(state, context, next_tokens.astype(mx.int32))
+        tokens, qs = [], []
+        for k in range(n):
+            if k:
+                h = self.step(state, tokens[-1], h)
+            token, q = pick(self.logits(h), params)
+            tokens.append(token)
+            qs.append(q)
+        return Proposal(mx.concatenate(tokens), None if params.greedy else mx.concatenate(qs))
+
+
+def accepts_mode(config: dict, mode: str) -> bool:
+    return mode == MODE
+
+
+def build(config: dict, what: str) -> Eagle3Drafter:
+    return Eagle3Drafter(Eagle3Config.from_dict(config, what))
