@@ -83,7 +83,7 @@ class Target:
 
     @property
     def embed_scale(self) -> float:
-        """Scale mlx-lm applies to token embeddings (Gemma: sqrt(H) rounded through bf16)."""
+        """The factor mlx-lm multiplies token embeddings by (Gemma: sqrt(H), not rounded)."""
         return float(getattr(self.inner, "embed_scale", 1.0))
 
     @property
