@@ -1,5 +1,7 @@
-"""EAGLE3 (DeepSpec `Qwen3Eagle3Model`): one decoder layer that drafts autoregressively. Spec:
-shared/specs/dspark-spec.md §5.2.
+"""EAGLE3 (DeepSpec `Qwen3Eagle3Model` / `Gemma4Eagle3Model`): one decoder layer that drafts
+autoregressively. Spec: shared/specs/dspark-spec.md §5.2 (the Gemma4 variant takes the DSpark Gemma4
+deltas of §1.6: global head dim, K=V with v_norm, attention scale 1, sandwich norms and gelu-tanh
+MLP, scaled embeddings, soft-capped logits).
 
 Each row pairs a hidden state with a token: the fused target taps of position i (or, inside a
 chain, the drafter's own previous output) with the token at i + 1, at RoPE position i. The layer
@@ -15,14 +17,24 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
-from mlx_lm.models.qwen3 import MLP
 
 from ..errors import SpecDecError
 from ..sampling import SamplingParams
 from .base import Proposal
-from .layers import AttentionShape, InjectedAttention, TargetCopies, _heads, attention_shape, pick
+from .dspark import _check_gemma4
+from .layers import (
+    AttentionShape,
+    InjectedAttention,
+    InjectedDecoderLayer,
+    TargetCopies,
+    _heads,
+    attention_shape,
+    gemma4_attention_shape,
+    gemma_embed_scale,
+    pick,
+)
 
-ARCHITECTURES = ("Qwen3Eagle3Model",)
+ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
 MODE = "eagle3"
 
 
@@ -33,6 +45,8 @@ class Eagle3Config:
     vocab_size: int
     target_layer_ids: tuple[int, ...]
     ttt_length: int
+    gemma: bool = False  # Gemma-4 layer, scaled embeddings, soft-capped logits
+    logit_softcap: float | None = None
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> Eagle3Config:
@@ -60,17 +74,24 @@ class Eagle3Config:
         ttt = int(c.get("ttt_length", 7))
         if ttt < 1:
             raise SpecDecError(f"{where}: ttt_length must be >= 1, got {ttt}")
+        gemma = (c.get("architectures") or ["?"])[0] == "Gemma4Eagle3Model"
+        if gemma:
+            _check_gemma4(c, where)
+        cap = c.get("final_logit_softcapping") if gemma else None
         return cls(
-            shape=attention_shape(c),
+            shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
             intermediate_size=int(c["intermediate_size"]),
             vocab_size=int(c["vocab_size"]),
             target_layer_ids=tuple(int(i) for i in c["target_layer_ids"]),
             ttt_length=ttt,
+            gemma=gemma,
+            logit_softcap=float(cap) if cap else None,
         )
 
 
 class Eagle3Attention(InjectedAttention):
-    """Qwen3 attention over the drafter's own cache; q/k/v read [embedding ; hidden] (2H)."""
+    """Attention over the drafter's own cache; q/k/v read [embedding ; hidden] (2H). Qwen3's, or
+    with the Gemma-4 options of `AttentionShape` (K=V, v_norm, scale 1, proportional RoPE)."""
 
     def __init__(self, s: AttentionShape):
         super().__init__(replace(s, hidden_size=2 * s.hidden_size))
@@ -87,21 +108,28 @@ class Eagle3Attention(InjectedAttention):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
 
 
-class Eagle3Layer(nn.Module):
-    def __init__(self, s: AttentionShape, intermediate_size: int):
-        super().__init__()
+class Eagle3Layer(InjectedDecoderLayer):
+    """The decoder layer of `InjectedDecoderLayer` (pre-norm Qwen3, or Gemma-4 sandwich norms,
+    gelu-tanh MLP and `layer_scalar`) with EAGLE3's input: [input_layernorm(embeds) ;
+    hidden_norm(hidden)] feeds the attention, the hidden stream is the residual."""
+
+    def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
+        super().__init__(s, intermediate_size, gemma=gemma)
         self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.self_attn = Eagle3Attention(s)
-        self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.mlp = MLP(s.hidden_size, intermediate_size)
 
     def __call__(self, embeds: mx.array, hidden: mx.array, cache: KVCache) -> mx.array:
         """embeds, hidden [1, T, H] -> the last row's output hidden state [1, 1, H] (pre-norm;
         it is also the next chain step's hidden input)."""
         x = mx.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
-        h = hidden[:, -1:] + self.self_attn(x, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(x, cache)
+        h = hidden[:, -1:]
+        if not self.gemma:
+            h = h + attn
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = h + self.post_attention_layernorm(attn)
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
 
 
 @dataclass
@@ -121,10 +149,13 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         self.max_draft = config.ttt_length
         self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.layers = [Eagle3Layer(s, config.intermediate_size)]
+        self.layers = [Eagle3Layer(s, config.intermediate_size, gemma=config.gemma)]
         self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
         object.__setattr__(self, "_shared", {})
+        if config.gemma:
+            self._embed_scale = gemma_embed_scale(s.hidden_size)
+            self._logit_softcap = config.logit_softcap
 
     def new_state(self) -> Eagle3State:
         return Eagle3State(KVCache())
