@@ -1,0 +1,143 @@
+"""`mlx-specdec bench`: end to end on the tiny DSpark fixture pair, the cost-model arithmetic, the
+auto-cap cache and prompt parsing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_specdec import bench
+from mlx_specdec.cli import main
+from mlx_specdec.errors import SpecDecError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "cache"))
+
+
+def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "The 7th", "domain": "chat"}\n'
+                       '{"prompt": "12 + 30 =", "domain": "math"}\n')
+    rc = main(["bench", "--model", str(FIXTURE / "target"), "--drafter",
+               f"dspark={FIXTURE / 'drafter'}", "--modes", "baseline,dspark", "--trials", "1",
+               "--max-new-tokens", "12", "--max-draft", "2,auto", "--prompts", str(prompts),
+               "--no-chat", "--cost-reps", "1", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "lossless: yes" in printed and "machine:" in printed and "best cap:" in printed
+    report = json.loads(out.read_text())
+    assert report["lossless"]["lossless"] is True
+    assert report["lossless"]["compared"] >= 4  # 2 prompts x (dspark@2, dspark@7, auto)
+    rows = {(r["row"], r["domain"]) for r in report["results"]}
+    assert {("baseline", "chat"), ("dspark@2", "math"), ("dspark@7", "all")} <= rows
+    assert any(r["row"].startswith("dspark@auto=") for r in report["results"])
+    for r in report["results"]:
+        assert r["decode_tps"] > 0 and r["accept_len"] >= 1 and r["ttft_ms"] > 0
+    cm = report["cost_model"]["dspark"]
+    assert sorted(int(k) for k in cm["verify_ms"]) == list(range(1, 17))
+    assert sorted(int(k) for k in cm["draft_ms"]) == list(range(1, 8))
+    assert 1 <= cm["best_cap"] <= 7
+    assert report["machine"]["backend"] in ("CPU", "Metal", "CUDA")
+
+
+def test_expected_accept_and_survival():
+    assert bench.survival_from_rounds([0, 1, 3, 3], 3) == [0.75, 0.5, 0.5]
+    assert bench.expected_accept([0.75, 0.5, 0.5], 3) == pytest.approx(2.75)
+    assert bench.expected_accept([0.75, 0.5, 0.5], 1) == pytest.approx(1.75)
+    # beyond what was observed: the last conditional rate (0.5 / 0.5 = 1) continues
+    assert bench.expected_accept([0.75, 0.5, 0.5], 5) == pytest.approx(3.75)
+    assert bench.expected_accept(bench.geometric_survival(0.5, 2), 4) == pytest.approx(1.9375)
+    p = bench.rate_for_accept_len(3.49, 7)
+    assert 1 + sum(p**k for k in range(1, 8)) == pytest.approx(3.49, abs=1e-9)
+    with pytest.raises(SpecDecError):
+        bench.rate_for_accept_len(9.0, 7)
+
+
+def test_cost_model_prediction_and_best_cap():
+    # verify flat up to 4 tokens then doubling; drafter 1 ms per drafted token
+    cm = bench.CostModel(512, {k: 10.0 if k <= 4 else 20.0 for k in range(1, 17)},
+                         {c: float(c) for c in range(1, 8)})
+    assert cm.baseline_tps == pytest.approx(100.0)
+    assert cm.round_ms(3) == pytest.approx(13.0)
+    assert cm.predicted_tps(3, 2.6) == pytest.approx(200.0)
+    survival = bench.geometric_survival(0.9, 7)
+    best = cm.best_cap(survival)
+    assert best == 3  # the verify step at K = 5 costs more than the extra drafts return
+    table = {r["cap"]: r for r in cm.table(survival)}
+    assert table[3]["speedup"] == pytest.approx(
+        bench.expected_accept(survival, 3) / 13.0 * 10.0)
+    assert bench.CostModel.from_json(cm.to_json()) == cm
+    assert bench.CostModel.from_json({"context_len": 1}) is None
+
+
+def test_auto_max_draft_cache(monkeypatch):
+    from mlx_specdec.loading import load_drafter, load_target
+
+    target, _ = load_target(str(FIXTURE / "target"))
+    drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
+    calls = []
+    fake = bench.CostModel(64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)},
+                           {c: 1.0 for c in range(1, 8)})
+    monkeypatch.setattr(bench, "measure_costs", lambda *a, **k: calls.append(1) or fake)
+    assert bench.auto_max_draft(target, drafter, survival=[0.9] * 7) == 2
+    assert bench.auto_max_draft(target, drafter) == 2  # from the cache, nothing measured
+    assert len(calls) == 1
+    entries = json.loads(bench.cache_file().read_text())["entries"]
+    (key,) = entries
+    assert "dspark:32bit" in key or "dspark:float32" in key
+
+
+def test_jsonl_prompts(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "hi", "domain": "chat"}\n\n{"prompt": "x = ?"}\n')
+    assert bench.load_prompts(str(good)) == [bench.BenchPrompt("hi", "chat"),
+                                             bench.BenchPrompt("x = ?", "custom")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    with pytest.raises(SpecDecError, match=r"bad.jsonl:2"):
+        bench.load_prompts(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(SpecDecError, match="not valid JSON"):
+        bench.load_prompts(str(broken))
+    with pytest.raises(SpecDecError, match="cannot read"):
+        bench.load_prompts(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(SpecDecError, match="unknown set"):
+        bench.load_prompts("chat,poetry")
+    builtin = bench.load_prompts("chat,code,math", limit=2)
+    assert [p.domain for p in builtin] == ["chat", "chat", "code", "code", "math", "math"]
+    assert all(len(bench.load_prompts(d)) == 10 for d in ("chat", "code", "math"))
+
+
+def test_cli_errors(capsys):
+    assert main(["bench", "--trials", "1"]) == 2
+    assert "no model given" in capsys.readouterr().err
+    assert main(["bench", "--model", "x", "--max-draft", "0"]) == 2
+    assert "--max-draft" in capsys.readouterr().err
+
+
+def test_blas_detection(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert bench._blas().startswith("OpenBLAS")
+
+
+def test_scripted_acceptance_follows_profile():
+    """The synthetic mode's stand-in accepts exactly what the profile draws (real loop)."""
+    from mlx_specdec.loading import load_drafter, load_target
+    from mlx_specdec.speculate import speculate
+
+    target, _ = load_target(str(FIXTURE / "target"))
+    drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
+    for p, want in ((1.0, 7), (0.0, 0)):
+        steps = list(speculate(bench.ScriptedAcceptance(target, p), drafter, [5, 6, 7],
+                               max_new_tokens=30))
+        accepted = [s.round.accepted for s in steps if s.round and len(s.round.proposed) == 7]
+        assert accepted and all(a == want for a in accepted)
