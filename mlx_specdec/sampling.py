@@ -8,7 +8,9 @@ draws from. Everything here is lazy: a round costs one host sync, in the loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -27,12 +29,15 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise SpecDecError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise SpecDecError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SpecDecError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SpecDecError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        # mlx-lm's top-k filter takes only a Python int: a float (or numpy int) would crash deep
+        # inside the first round, so reject the one and convert the other here.
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
+            raise SpecDecError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if not 0 <= self.min_p < 1:
             raise SpecDecError(f"min_p must be in [0, 1), got {self.min_p}")
 
@@ -69,30 +74,54 @@ def sample(logits: mx.array, params: SamplingParams) -> mx.array:
 def verify(
     draft: mx.array, q: mx.array | None, logits: mx.array, params: SamplingParams
 ) -> tuple[mx.array, mx.array]:
-    """Chain speculative sampling over one round.
+    """Chain speculative sampling over one round, or a batch of independent rounds.
 
-    `draft` [n] are the proposed tokens, `q` [n, V] the distributions they were drawn from (None
-    when greedy), `logits` [n+1, V] the target's outputs for `[anchor, *draft]`. Returns lazy
-    `(accepted, next_token)`: the length of the accepted prefix and the correction (on the first
-    rejection, a draw from norm(max(p - q, 0))) or bonus (all accepted, a draw from p) token.
+    `draft` [..., n] are the proposed tokens, `q` [..., n, V] the distributions they were drawn
+    from (None when greedy or n = 0), `logits` [..., n+1, V] the target's outputs for
+    `[anchor, *draft]`. Returns lazy `(accepted, next_token)`, each [...]: the length of the
+    accepted prefix and the correction (on the first rejection, a draw from norm(max(p - q, 0)))
+    or bonus (all accepted, a draw from p) token. The loop passes one round (no batch axes);
+    the statistical tests pass many rows at once.
     """
-    n = draft.shape[0]
+    n = draft.shape[-1]
     if params.greedy:
         target_tokens = mx.argmax(logits, axis=-1)
-        accepted = mx.cumprod(draft == target_tokens[:n]).sum() if n else mx.array(0)
-        return accepted, target_tokens[accepted]
+        accepted = (
+            mx.cumprod(draft == target_tokens[..., :n], axis=-1).sum(axis=-1)
+            if n
+            else mx.zeros(draft.shape[:-1], mx.int32)
+        )
+        return accepted, mx.take_along_axis(target_tokens, accepted[..., None], axis=-1)[..., 0]
     p = probs(logits, params)
-    if n:
-        rows = mx.arange(n)
-        p_x = p[rows, draft]
-        q_x = mx.maximum(q[rows, draft], 1e-8)
-        ok = mx.random.uniform(shape=(n,)) < mx.minimum(p_x / q_x, 1.0)
-        accepted = mx.cumprod(ok).sum()
-        q = mx.concatenate([q, mx.zeros((1, q.shape[-1]), q.dtype)])
-    else:
-        accepted, q = mx.array(0), mx.zeros_like(p)
-    # Rejected at `accepted`: residual of that row; all accepted: q row is zero, so p itself.
-    residual = mx.maximum(p[accepted] - q[accepted], 0.0)
-    mass = residual.sum()
-    residual = mx.where(mass > 1e-8, residual / mass, p[accepted])
-    return accepted, draw(residual[None])[0]
+    accepted = accept_length(draft, q, p)
+    return accepted, draw(correction(p, q, accepted))
+
+
+def accept_length(draft: mx.array, q: mx.array | None, p: mx.array) -> mx.array:
+    """Accept draft k with probability min(1, p_k(x_k) / q_k(x_k)); the length of the run of
+    acceptances from the first draft on. `p` [..., n+1, V] (only its first n rows are read)."""
+    n = draft.shape[-1]
+    if n == 0:
+        return mx.zeros(draft.shape[:-1], mx.int32)
+    assert q is not None, "a sampled draft needs the distribution it was drawn from"
+    x = draft[..., None]
+    p_x = mx.take_along_axis(p[..., :n, :], x, axis=-1)[..., 0]
+    q_x = mx.maximum(mx.take_along_axis(q, x, axis=-1)[..., 0], 1e-8)
+    ok = mx.random.uniform(shape=p_x.shape) < mx.minimum(p_x / q_x, 1.0)
+    return mx.cumprod(ok, axis=-1).sum(axis=-1)
+
+
+def correction(p: mx.array, q: mx.array | None, accepted: mx.array) -> mx.array:
+    """The distribution of the token after the accepted run: norm(max(p_a - q_a, 0)) at the
+    first rejection a, p_n itself when all n drafts were accepted (there is no q_n)."""
+    rows = accepted[..., None, None]
+    p_a = mx.take_along_axis(p, rows, axis=-2)[..., 0, :]
+    n = 0 if q is None else q.shape[-2]
+    if n == 0:
+        return p_a
+    rejected = (accepted < n)[..., None]
+    q_a = mx.take_along_axis(q, mx.minimum(rows, n - 1), axis=-2)[..., 0, :]
+    residual = mx.maximum(p_a - mx.where(rejected, q_a, 0.0), 0.0)
+    mass = residual.sum(axis=-1, keepdims=True)
+    # p <= q everywhere only happens through rounding (the rejection had probability ~0).
+    return mx.where(mass > 1e-8, residual / mass, p_a)
