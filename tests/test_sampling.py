@@ -49,8 +49,12 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_specdec import SpecDecError, load_pair, speculate, speculative_generate
 from mlx_specdec.drafters.base import Drafter, Proposal
+from mlx_specdec.drafters.dflash import DFlashDrafter
+from mlx_specdec.drafters.dflash import build as build_dflash
 from mlx_specdec.drafters.dspark import DSparkDrafter
 from mlx_specdec.drafters.dspark import build as build_dspark
+from mlx_specdec.drafters.eagle3 import Eagle3Drafter
+from mlx_specdec.drafters.eagle3 import build as build_eagle3
 from mlx_specdec.sampling import (
     SamplingParams,
     accept_length,
@@ -172,16 +176,43 @@ def tiny_dspark(target: Target, markov_rank: int, seed: int) -> DSparkDrafter:
     return drafter
 
 
+def tiny_dflash(target: Target, seed: int) -> DFlashDrafter:
+    config = dict(
+        target.config, architectures=["DFlashDraftModel"], num_hidden_layers=1,
+        block_size=BLOCK + 1, mask_token_id=V - 1, target_layer_ids=[0, 1],
+    )
+    mx.random.seed(seed)
+    drafter = build_dflash(config, "tiny dflash")
+    mx.eval(drafter.parameters())
+    drafter.share_target_tensors(target)  # DFlash always drafts through the target's head
+    target.set_taps(drafter.tap_ids)
+    return drafter
+
+
+def tiny_eagle3(target: Target, seed: int) -> Eagle3Drafter:
+    config = dict(
+        target.config, architectures=["Qwen3Eagle3Model"], num_hidden_layers=1,
+        target_layer_ids=[0, 1], ttt_length=BLOCK,
+    )
+    mx.random.seed(seed)
+    drafter = build_eagle3(config, "tiny eagle3")
+    drafter.lm_head.weight = drafter.lm_head.weight * 3
+    mx.eval(drafter.parameters())
+    target.set_taps(drafter.tap_ids)
+    return drafter
+
+
 @pytest.fixture(scope="module")
 def target() -> Target:
     return tiny_target()
 
 
-# Drafters to run through the generic drafter and loop checks: name -> builder. DFlash and EAGLE3
-# join with one line each once they build from a config dict.
+# Drafters run through the generic drafter-contract and real-loop checks: name -> builder.
 DRAFTERS: dict[str, Callable[[Target], Drafter]] = {
     "dspark-markov": lambda t: tiny_dspark(t, markov_rank=4, seed=1),
     "dspark-rank0": lambda t: tiny_dspark(t, markov_rank=0, seed=2),
+    "dflash": lambda t: tiny_dflash(t, seed=3),
+    "eagle3": lambda t: tiny_eagle3(t, seed=4),
 }
 
 
@@ -418,7 +449,7 @@ def loop_pvalue(
     return chi2_pvalue(counts, expected / counts.sum()), rounds
 
 
-LOOP_TOKENS = 1_000  # a broken verify gives p ~ 1e-10 here (1e-5 to 1e-16 at 1500)
+LOOP_TOKENS = 1_000  # a broken verify gives p < 1e-9 here
 
 
 @pytest.mark.parametrize(
