@@ -17,13 +17,16 @@ computed by enumerating every continuation of a tiny random Qwen3 (vocabulary `V
 2. **Drafter contract (any drafter).** Exactness needs each draft to be drawn from the `q` its
    drafter reports. Many `propose` calls from one state: counts of (previous draft, draft) per
    slot against the sum of the reported `q` rows.
-3. **The real loop (any target/drafter pair, fewer samples).** `speculate` itself, end to end:
-   the joint of tokens 2-4 (all produced by speculation: multi-draft rounds, residuals, bonus
-   tokens, rollback, the drafter state after a rejection). Patching a broken verify into the
-   loop must make this check fail too.
+3. **The real loop (any target/drafter pair, 1000 tokens).** `speculate` itself, end to end,
+   over 20 short runs from random prompts: every emitted token is checked against the target's
+   law after exactly the tokens before it (one forward over the output), so multi-draft rounds,
+   residuals, bonus tokens, rollback, confidence cuts and the drafter state after a rejection
+   are all covered. Patching a broken verify into the loop must make this check fail too.
 
 Plus: `probs` equals an independent numpy reading of mlx-lm's filters, and mlx-lm's own sampler
 draws from it; same seed -> same output; temperature 0 is exactly greedy; bad settings raise.
+
+Drafters: DSpark with a Markov head and with `markov_rank` 0, DFlash and EAGLE3 (`DRAFTERS`).
 
 Statistics: Pearson chi-square, cells with expected count < 5 pooled, p-value from the
 Wilson-Hilferty normal approximation (no scipy); any draw in a cell of probability 0 fails
