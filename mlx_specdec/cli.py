@@ -12,7 +12,6 @@ from .errors import SpecDecError
 # Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
 EXTERNAL_COMMANDS: dict[str, str] = {
     "bench": "mlx_specdec.bench",
-    "train-drafter": "mlx_specdec.train",
     "serve": "mlx_specdec.server.cli",
 }
 
