@@ -1159,8 +1159,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, report)
     if args.plot:
-        base_row = {**base, "row": "baseline", "domain": "all", "speedup": 1.0}
-        plot(args.plot, stats + [base_row], {"dspark": costs},
+        plot(args.plot, stats, {"dspark": costs},
              f"SYNTHETIC {args.synthetic} | {machine_line(machine)}")
     return 0
 

@@ -26,7 +26,8 @@ def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
     prompts.write_text('{"prompt": "The 7th", "domain": "chat"}\n'
                        '{"prompt": "12 + 30 =", "domain": "math"}\n')
     rc = main(["bench", "--model", str(FIXTURE / "target"), "--drafter",
-               f"dspark={FIXTURE / 'drafter'}", "--modes", "baseline,dspark", "--trials", "1",
+               f"dspark={FIXTURE / 'drafter'}", "--modes", "baseline,dspark,draft-model",
+               "--draft-model", str(FIXTURE / "target"), "--trials", "1",
                "--max-new-tokens", "12", "--max-draft", "2,auto", "--prompts", str(prompts),
                "--no-chat", "--cost-reps", "1", "--json", str(out)])
     assert rc == 0
@@ -34,9 +35,10 @@ def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
     assert "lossless: yes" in printed and "machine:" in printed and "best cap:" in printed
     report = json.loads(out.read_text())
     assert report["lossless"]["lossless"] is True
-    assert report["lossless"]["compared"] >= 4  # 2 prompts x (dspark@2, dspark@7, auto)
+    assert report["lossless"]["compared"] >= 8  # 2 prompts x (dspark@2, @7, auto, 2 draft-model)
     rows = {(r["row"], r["domain"]) for r in report["results"]}
-    assert {("baseline", "chat"), ("dspark@2", "math"), ("dspark@7", "all")} <= rows
+    assert {("baseline", "chat"), ("dspark@2", "math"), ("dspark@7", "all"),
+            ("draft-model@2", "all"), ("draft-model@3", "all")} <= rows
     assert any(r["row"].startswith("dspark@auto=") for r in report["results"])
     for r in report["results"]:
         assert r["decode_tps"] > 0 and r["accept_len"] >= 1 and r["ttft_ms"] > 0
