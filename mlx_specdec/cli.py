@@ -13,6 +13,7 @@ from .errors import SpecDecError
 EXTERNAL_COMMANDS: dict[str, str] = {
     "bench": "mlx_specdec.bench",
     "serve": "mlx_specdec.server.cli",
+    "train-drafter": "mlx_specdec.train",
 }
 
 
