@@ -223,8 +223,10 @@ def load_pair(
     `mode` is `auto` (DSpark if the registry knows one, else DFlash, else EAGLE3, else plain
     decoding), `dspark`, `dflash`, `eagle3` or `baseline`; `drafter` overrides the registry.
     """
-    if model is None:
-        raise SpecDecError("no model given: pass --model REPO_OR_PATH")
+    if model is None:  # the embedded demo pair, offline
+        from .demo import demo_paths
+
+        model, drafter = demo_paths(mode, drafter)
     valid = ("auto", "baseline", *registry.MODES)
     if mode not in valid:
         raise SpecDecError(f"--mode must be one of {', '.join(valid)}, got '{mode}'")
