@@ -27,10 +27,13 @@ from ..sampling import SamplingParams
 from ..target import Target
 from .base import Proposal
 from .layers import (
+    BACKBONE_KEYS,
     AttentionShape,
     InjectedDecoderLayer,
+    anchor_block,
     attention_shape,
     pick,
+    require_keys,
     rope_parameters,
 )
 
@@ -64,20 +67,8 @@ class DFlashConfig:
         def key(name: str, default: Any = None) -> Any:
             return dc.get(name, c.get(name, default))
 
-        missing = [
-            k
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "num_attention_heads",
-                "vocab_size",
-            )
-            if k not in c
-        ]
-        missing += [k for k in ("mask_token_id", "target_layer_ids") if key(k) is None]
-        if missing:
-            raise SpecDecError(f"{where}: DFlash drafter config lacks {', '.join(missing)}")
+        keys = BACKBONE_KEYS + ("mask_token_id", "target_layer_ids")
+        require_keys({**c, **dc}, keys, "DFlash", where)
         num_layers = int(c["num_hidden_layers"])
         block_size = int(key("block_size", 16))
         if block_size < 2:
@@ -215,10 +206,7 @@ class DFlashDrafter(nn.Module):
         with_confidence: bool = False,
     ) -> Proposal:
         cfg = self.config
-        anchor = next_tokens[-1:].astype(mx.int32)
-        block = mx.concatenate(
-            [anchor, mx.full((cfg.block_size - 1,), cfg.mask_token_id, mx.int32)]
-        )
+        block = anchor_block(next_tokens, cfg.block_size, cfg.mask_token_id)
         tokens, q = pick(self.logits(block, context, state, n), params)
         return Proposal(tokens, q)
 

@@ -14,13 +14,16 @@ from ..errors import SpecDecError
 from ..sampling import SamplingParams
 from .base import Proposal
 from .layers import (
+    BACKBONE_KEYS,
     AttentionShape,
     InjectedDecoderLayer,
     TargetCopies,
+    anchor_block,
     attention_shape,
     gemma4_attention_shape,
     gemma_embed_scale,
     pick,
+    require_keys,
 )
 
 ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -46,22 +49,8 @@ class DSparkConfig:
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> DSparkConfig:
-        missing = [
-            k
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "num_attention_heads",
-                "vocab_size",
-                "block_size",
-                "mask_token_id",
-                "target_layer_ids",
-            )
-            if k not in c
-        ]
-        if missing:
-            raise SpecDecError(f"{where}: DSpark drafter config lacks {', '.join(missing)}")
+        keys = BACKBONE_KEYS + ("block_size", "mask_token_id", "target_layer_ids")
+        require_keys(c, keys, "DSpark", where)
         head_type = c.get("markov_head_type", "vanilla")
         if int(c.get("markov_rank", 0)) and head_type != "vanilla":
             raise SpecDecError(
@@ -171,17 +160,14 @@ class DSparkDrafter(TargetCopies, nn.Module):
         with_confidence: bool = False,
     ) -> Proposal:
         cfg = self.config
-        anchor = next_tokens[-1:].astype(mx.int32)
-        block = mx.concatenate(
-            [anchor, mx.full((cfg.block_size - 1,), cfg.mask_token_id, mx.int32)]
-        )
+        block = anchor_block(next_tokens, cfg.block_size, cfg.mask_token_id)
         h = self.backbone(block, context, state)[:n]
         logits = self._head(h)
         if not cfg.markov_rank:  # DFlash-style: slots are independent
             return Proposal(*pick(logits, params))
         # Markov: slot k's bias depends on the token drawn at slot k-1 (the anchor for k = 0).
         w1, w2 = self.markov_head.markov_w1, self.markov_head.markov_w2
-        prev = anchor
+        prev = block[:1]
         tokens, qs, prevs = [], [], []
         for k in range(n):
             prevs.append(prev)

@@ -23,6 +23,7 @@ from ..sampling import SamplingParams
 from .base import Proposal
 from .dspark import _check_gemma4
 from .layers import (
+    BACKBONE_KEYS,
     AttentionShape,
     InjectedAttention,
     InjectedDecoderLayer,
@@ -32,6 +33,7 @@ from .layers import (
     gemma4_attention_shape,
     gemma_embed_scale,
     pick,
+    require_keys,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
@@ -50,20 +52,7 @@ class Eagle3Config:
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> Eagle3Config:
-        missing = [
-            k
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "num_attention_heads",
-                "vocab_size",
-                "target_layer_ids",
-            )
-            if k not in c
-        ]
-        if missing:
-            raise SpecDecError(f"{where}: EAGLE3 drafter config lacks {', '.join(missing)}")
+        require_keys(c, BACKBONE_KEYS + ("target_layer_ids",), "EAGLE3", where)
         # Re-extending the cache with several committed rows at once, unmasked, is exact only
         # for one layer (each row's K/V then depends on that row alone).
         if int(c["num_hidden_layers"]) != 1:

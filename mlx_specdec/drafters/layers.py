@@ -13,6 +13,7 @@ from mlx_lm.models.gemma4_text import RMSNormNoScale, geglu
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from ..errors import SpecDecError
 from ..sampling import SamplingParams, draw, probs
 
 
@@ -277,3 +278,25 @@ class TargetCopies:
 def gemma_embed_scale(hidden_size: int) -> float:
     """Gemma's embedding scale sqrt(H) as the bf16 checkpoints apply it (62.0 for H=3840)."""
     return mx.array(hidden_size**0.5, dtype=mx.bfloat16).item()
+
+
+BACKBONE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+
+def require_keys(config: dict, keys: tuple[str, ...], kind: str, where: str) -> None:
+    """One clear error naming every key a drafter config lacks."""
+    missing = [k for k in keys if config.get(k) is None]
+    if missing:
+        raise SpecDecError(f"{where}: {kind} drafter config lacks {', '.join(missing)}")
+
+
+def anchor_block(next_tokens: mx.array, block_size: int, mask_token_id: int) -> mx.array:
+    """The parallel drafters' input: the anchor (newest committed token), then mask tokens."""
+    anchor = next_tokens[-1:].astype(mx.int32)
+    return mx.concatenate([anchor, mx.full((block_size - 1,), mask_token_id, mx.int32)])
