@@ -235,9 +235,16 @@ class CostModel:
         for cap in self.caps():
             a = expected_accept(survival, cap)
             tps = self.predicted_tps(cap, a)
-            rows.append(dict(cap=cap, draft_ms=self.draft_ms[cap],
-                             verify_ms=self.verify_ms[cap + 1], accept_len=a, tok_s=tps,
-                             speedup=tps / self.baseline_tps))
+            rows.append(
+                dict(
+                    cap=cap,
+                    draft_ms=self.draft_ms[cap],
+                    verify_ms=self.verify_ms[cap + 1],
+                    accept_len=a,
+                    tok_s=tps,
+                    speedup=tps / self.baseline_tps,
+                )
+            )
         return rows
 
     def best_cap(self, survival: Sequence[float]) -> int:
@@ -247,18 +254,22 @@ class CostModel:
         return int(max(rows, key=lambda r: r["tok_s"])["cap"])
 
     def to_json(self) -> dict[str, Any]:
-        return {"context_len": self.context_len,
-                "verify_ms": {str(k): v for k, v in self.verify_ms.items()},
-                "draft_ms": {str(k): v for k, v in self.draft_ms.items()}}
+        return {
+            "context_len": self.context_len,
+            "verify_ms": {str(k): v for k, v in self.verify_ms.items()},
+            "draft_ms": {str(k): v for k, v in self.draft_ms.items()},
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> CostModel | None:
         if not d:
             return None
         try:
-            return cls(int(d["context_len"]),
-                       {int(k): float(v) for k, v in d["verify_ms"].items()},
-                       {int(k): float(v) for k, v in d["draft_ms"].items()})
+            return cls(
+                int(d["context_len"]),
+                {int(k): float(v) for k, v in d["verify_ms"].items()},
+                {int(k): float(v) for k, v in d["draft_ms"].items()},
+            )
         except (KeyError, TypeError, ValueError):
             return None  # an old or damaged cache entry: measure again
 
@@ -300,7 +311,7 @@ def measure_costs(
     key = mx.random.key(0)
     ids = mx.random.randint(0, vocab, (max(context_len, len(widths)),), key=key).astype(mx.int32)
     cache = target.make_cache()
-    _, taps = target.prefill(ids[:max(context_len, 1)], cache)
+    _, taps = target.prefill(ids[: max(context_len, 1)], cache)
 
     def forward(k: int) -> Callable[[], Any]:
         def run() -> list[mx.array]:
@@ -342,8 +353,11 @@ def _precision(target: Target) -> str:
     q = target.config.get("quantization") or target.config.get("quantization_config") or {}
     if isinstance(q, dict) and q.get("bits"):
         return f"{q['bits']}bit"
-    return str(target.config.get("torch_dtype") or target.config.get("dtype")
-               or target.embed_tokens.weight.dtype).replace("mlx.core.", "")
+    return str(
+        target.config.get("torch_dtype")
+        or target.config.get("dtype")
+        or target.embed_tokens.weight.dtype
+    ).replace("mlx.core.", "")
 
 
 def _drafter_tag(drafter: Drafter) -> str:
@@ -360,8 +374,17 @@ def _drafter_tag(drafter: Drafter) -> str:
 
 def cap_cache_key(target: Target, drafter: Drafter, drafter_tag: str | None = None) -> str:
     m = machine_info()
-    return "|".join([target.name, _precision(target), drafter_tag or _drafter_tag(drafter),
-                     m["chip"], m["backend"], m["blas"], f"mlx{m['mlx']}"])
+    return "|".join(
+        [
+            target.name,
+            _precision(target),
+            drafter_tag or _drafter_tag(drafter),
+            m["chip"],
+            m["backend"],
+            m["blas"],
+            f"mlx{m['mlx']}",
+        ]
+    )
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -380,15 +403,20 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1))
         tmp.replace(path)
     except OSError as e:  # a read-only home must not break generation
-        print(f"mlx-specdec: warning: cannot write the draft-cap cache {path}: {e}",
-              file=sys.stderr)
+        print(
+            f"mlx-specdec: warning: cannot write the draft-cap cache {path}: {e}", file=sys.stderr
+        )
 
 
 def store_auto_cap(key: str, costs: CostModel, survival: Sequence[float], cap: int) -> None:
     path = cache_file()
     entries = _read_cache(path)
-    entries[key] = {"cap": cap, "survival": list(survival), "costs": costs.to_json(),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    entries[key] = {
+        "cap": cap,
+        "survival": list(survival),
+        "costs": costs.to_json(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     _write_cache(path, entries)
 
 
@@ -455,8 +483,13 @@ class _NullTokenizer:
 
 
 def _draft_model_steps(
-    target: Target, draft_lm: Any, ids: list[int], max_new: int, drafts: int,
-    params: SamplingParams, eos: set[int],
+    target: Target,
+    draft_lm: Any,
+    ids: list[int],
+    max_new: int,
+    drafts: int,
+    params: SamplingParams,
+    eos: set[int],
 ) -> Iterator[tuple[list[int], Round | None]]:
     """mlx-lm's own `--draft-model` speculation, regrouped into rounds for the same statistics.
     A round ends at each token the target itself produced (`from_draft` False)."""
@@ -466,8 +499,14 @@ def _draft_model_steps(
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
-    gen = speculative_generate_step(mx.array(ids), target.model, draft_lm, num_draft_tokens=drafts,
-                                    max_tokens=max_new, sampler=sampler)
+    gen = speculative_generate_step(
+        mx.array(ids),
+        target.model,
+        draft_lm,
+        num_draft_tokens=drafts,
+        max_tokens=max_new,
+        sampler=sampler,
+    )
     buf: list[int] = []
     first = True
     for token, _, from_draft in gen:
@@ -487,8 +526,13 @@ def _draft_model_steps(
 
 
 def run_row(
-    row: Row, target: Target, tokenizer: Any, ids: list[int], max_new: int,
-    params: SamplingParams, draft_lm: Any = None,
+    row: Row,
+    target: Target,
+    tokenizer: Any,
+    ids: list[int],
+    max_new: int,
+    params: SamplingParams,
+    draft_lm: Any = None,
 ) -> GenerationResult:
     eos = set(tokenizer.eos_token_ids)
     if row.mode == "baseline":
@@ -498,8 +542,15 @@ def run_row(
     else:
         assert row.drafter is not None
         target.set_taps(row.drafter.tap_ids)
-        spec = speculate(target, row.drafter, ids, max_new_tokens=max_new, max_draft=row.cap,
-                         params=params, eos_ids=eos)
+        spec = speculate(
+            target,
+            row.drafter,
+            ids,
+            max_new_tokens=max_new,
+            max_draft=row.cap,
+            params=params,
+            eos_ids=eos,
+        )
         steps = ((s.tokens, s.round) for s in spec)
     *_, last = _stream(tokenizer, steps, len(ids), max_new, row.name)
     assert last.result is not None
@@ -524,10 +575,19 @@ class Sample:
 
     @classmethod
     def of(cls, row: str, domain: str, prompt: int, trial: int, r: GenerationResult) -> Sample:
-        return cls(row, domain, prompt, trial, r.tokens, len(r.rounds),
-                   sum(len(x.committed) for x in r.rounds), [x.accepted for x in r.rounds],
-                   max((len(x.proposed) for x in r.rounds), default=0),
-                   r.prefill_seconds, r.decode_seconds)
+        return cls(
+            row,
+            domain,
+            prompt,
+            trial,
+            r.tokens,
+            len(r.rounds),
+            sum(len(x.committed) for x in r.rounds),
+            [x.accepted for x in r.rounds],
+            max((len(x.proposed) for x in r.rounds), default=0),
+            r.prefill_seconds,
+            r.decode_seconds,
+        )
 
 
 def summarize(samples: Sequence[Sample], row: str, domain: str) -> dict[str, Any] | None:
@@ -540,13 +600,15 @@ def summarize(samples: Sequence[Sample], row: str, domain: str) -> dict[str, Any
         ss = [s for s in mine if s.trial == t]
         decode_s = sum(s.decode_s for s in ss)
         total_s = decode_s + sum(s.prefill_s for s in ss)
-        per_trial.append(dict(
-            accept_len=sum(s.committed for s in ss) / max(1, sum(s.rounds for s in ss)),
-            decode_tps=sum(s.committed for s in ss) / decode_s if decode_s else 0.0,
-            e2e_tps=sum(len(s.tokens) for s in ss) / total_s if total_s else 0.0,
-            ttft_ms=1000 * statistics.mean(s.prefill_s for s in ss),
-            tokens=sum(len(s.tokens) for s in ss),
-        ))
+        per_trial.append(
+            dict(
+                accept_len=sum(s.committed for s in ss) / max(1, sum(s.rounds for s in ss)),
+                decode_tps=sum(s.committed for s in ss) / decode_s if decode_s else 0.0,
+                e2e_tps=sum(len(s.tokens) for s in ss) / total_s if total_s else 0.0,
+                ttft_ms=1000 * statistics.mean(s.prefill_s for s in ss),
+                tokens=sum(len(s.tokens) for s in ss),
+            )
+        )
     out = {k: statistics.median(t[k] for t in per_trial) for k in per_trial[0]}
     out["trials"] = per_trial
     return out
@@ -555,8 +617,11 @@ def summarize(samples: Sequence[Sample], row: str, domain: str) -> dict[str, Any
 def lossless_verdict(samples: Sequence[Sample], reference: str, greedy: bool) -> dict[str, Any]:
     """Greedy outputs must equal the reference row's, token by token, for every prompt/trial."""
     if not greedy:
-        return {"checked": False, "lossless": None,
-                "note": "sampling (temperature > 0): outputs are random; verdict is for greedy"}
+        return {
+            "checked": False,
+            "lossless": None,
+            "note": "sampling (temperature > 0): outputs are random; verdict is for greedy",
+        }
     ref = {s.prompt: s.tokens for s in samples if s.row == reference and s.trial == 0}
     mismatches = []
     checked = 0
@@ -568,15 +633,22 @@ def lossless_verdict(samples: Sequence[Sample], reference: str, greedy: bool) ->
         if a != b:
             pairs = enumerate(zip(a, b, strict=False))
             where = next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
-            mismatches.append({"row": s.row, "prompt": s.prompt, "trial": s.trial,
-                               "first_difference": where})
-    return {"checked": True, "reference": reference, "compared": checked,
-            "lossless": not mismatches, "mismatches": mismatches}
+            mismatches.append(
+                {"row": s.row, "prompt": s.prompt, "trial": s.trial, "first_difference": where}
+            )
+    return {
+        "checked": True,
+        "reference": reference,
+        "compared": checked,
+        "lossless": not mismatches,
+        "mismatches": mismatches,
+    }
 
 
 # ================================================================================ printing
 def _fmt_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table (so printed output pastes into docs as is)."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
@@ -588,25 +660,69 @@ def _fmt_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
-    header = ["mode", "cap", "domain", "accept", "decode tok/s", "e2e tok/s", "TTFT ms",
-              "speed-up", "e2e speed-up"]
-    rows = [[r["row"], r["cap"], r["domain"], r["accept_len"], r["decode_tps"], r["e2e_tps"],
-             r["ttft_ms"], r.get("speedup"), r.get("e2e_speedup")] for r in results]
+    header = [
+        "mode",
+        "cap",
+        "domain",
+        "accept",
+        "decode tok/s",
+        "e2e tok/s",
+        "TTFT ms",
+        "speed-up",
+        "e2e speed-up",
+    ]
+    rows = [
+        [
+            r["row"],
+            r["cap"],
+            r["domain"],
+            r["accept_len"],
+            r["decode_tps"],
+            r["e2e_tps"],
+            r["ttft_ms"],
+            r.get("speedup"),
+            r.get("e2e_speedup"),
+        ]
+        for r in results
+    ]
     return _fmt_table(header, rows)
 
 
 def cost_tables(costs: CostModel, survival: Sequence[float], label: str) -> str:
     ks = sorted(costs.verify_ms)
-    curve = _fmt_table(["K"] + [str(k) for k in ks],
-                       [["verify ms"] + [costs.verify_ms[k] for k in ks]])
-    body = [[r["cap"], r["draft_ms"], r["verify_ms"], r["draft_ms"] + r["verify_ms"],
-             r["accept_len"], r["tok_s"], r["speedup"]] for r in costs.table(survival)]
-    caps = _fmt_table(["cap", "draft ms", "verify ms (cap+1)", "round ms", "E[accept]",
-                       "pred tok/s", "pred speed-up"], body)
+    curve = _fmt_table(
+        ["K"] + [str(k) for k in ks], [["verify ms"] + [costs.verify_ms[k] for k in ks]]
+    )
+    body = [
+        [
+            r["cap"],
+            r["draft_ms"],
+            r["verify_ms"],
+            r["draft_ms"] + r["verify_ms"],
+            r["accept_len"],
+            r["tok_s"],
+            r["speedup"],
+        ]
+        for r in costs.table(survival)
+    ]
+    caps = _fmt_table(
+        [
+            "cap",
+            "draft ms",
+            "verify ms (cap+1)",
+            "round ms",
+            "E[accept]",
+            "pred tok/s",
+            "pred speed-up",
+        ],
+        body,
+    )
     best = costs.best_cap(survival) if costs.draft_ms else None
-    return (f"cost model {label} (context {costs.context_len} tokens; plain decode step "
-            f"{costs.verify_ms[1]:.2f} ms = {costs.baseline_tps:.1f} tok/s)\n{curve}\n\n{caps}\n"
-            + (f"best cap: {best}\n" if best else ""))
+    return (
+        f"cost model {label} (context {costs.context_len} tokens; plain decode step "
+        f"{costs.verify_ms[1]:.2f} ms = {costs.baseline_tps:.1f} tok/s)\n{curve}\n\n{caps}\n"
+        + (f"best cap: {best}\n" if best else "")
+    )
 
 
 def efficiency_rows(rows_stats: list[dict[str, Any]], costs: dict[str, CostModel]) -> str:
@@ -617,14 +733,19 @@ def efficiency_rows(rows_stats: list[dict[str, Any]], costs: dict[str, CostModel
             continue
         pred = cm.predicted_tps(r["cap"], r["accept_len"])
         r["predicted_tps"], r["efficiency"] = pred, r["decode_tps"] / pred
-        body.append([r["row"], r["domain"], r["accept_len"], r["decode_tps"], pred,
-                     r["efficiency"]])
+        body.append(
+            [r["row"], r["domain"], r["accept_len"], r["decode_tps"], pred, r["efficiency"]]
+        )
     if not body:
         return ""
-    return ("loop efficiency = measured decode tok/s / predicted from the measured component "
-            "times at the measured accept length (aim >= 0.95)\n"
-            + _fmt_table(["row", "domain", "accept", "measured tok/s", "predicted tok/s",
-                          "efficiency"], body) + "\n")
+    return (
+        "loop efficiency = measured decode tok/s / predicted from the measured component "
+        "times at the measured accept length (aim >= 0.95)\n"
+        + _fmt_table(
+            ["row", "domain", "accept", "measured tok/s", "predicted tok/s", "efficiency"], body
+        )
+        + "\n"
+    )
 
 
 def plot(path: str, stats: list[dict[str, Any]], costs: dict[str, CostModel], title: str) -> None:
@@ -640,8 +761,10 @@ def plot(path: str, stats: list[dict[str, Any]], costs: dict[str, CostModel], ti
     domains = list(dict.fromkeys(s["domain"] for s in stats))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
-        ys = [next((s["speedup"] for s in stats if s["row"] == row and s["domain"] == d), 0)
-              for d in domains]
+        ys = [
+            next((s["speedup"] for s in stats if s["row"] == row and s["domain"] == d), 0)
+            for d in domains
+        ]
         ax1.bar([j + i * width for j in range(len(domains))], ys, width, label=row)
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(domains))], domains)
@@ -652,8 +775,13 @@ def plot(path: str, stats: list[dict[str, Any]], costs: dict[str, CostModel], ti
         ax2.plot(ks, [cm.verify_ms[k] for k in ks], marker="o", label=f"verify ({name})")
         if cm.draft_ms:
             cs = sorted(cm.draft_ms)
-            ax2.plot([c + 1 for c in cs], [cm.draft_ms[c] for c in cs], marker="x", ls="--",
-                     label=f"{name} drafter round (cap = K-1)")
+            ax2.plot(
+                [c + 1 for c in cs],
+                [cm.draft_ms[c] for c in cs],
+                marker="x",
+                ls="--",
+                label=f"{name} drafter round (cap = K-1)",
+            )
     ax2.set_xlabel("tokens per target forward K")
     ax2.set_ylabel("ms")
     ax2.set_ylim(bottom=0)
@@ -710,22 +838,37 @@ def parse_drafters(items: Sequence[str] | None) -> dict[str | None, str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="target: Hugging Face repo id or local folder")
-    p.add_argument("--modes", help="comma list of " + ", ".join(ALL_MODES) + " (default: "
-                   "baseline, draft-model if --draft-model, every mode with a known drafter)")
-    p.add_argument("--drafter", action="append", metavar="[MODE=]PATH",
-                   help="drafter for a speculative mode (default: from the registry); repeatable")
+    p.add_argument(
+        "--modes",
+        help="comma list of " + ", ".join(ALL_MODES) + " (default: "
+        "baseline, draft-model if --draft-model, every mode with a known drafter)",
+    )
+    p.add_argument(
+        "--drafter",
+        action="append",
+        metavar="[MODE=]PATH",
+        help="drafter for a speculative mode (default: from the registry); repeatable",
+    )
     p.add_argument("--drafter-bits", type=int, default=4, choices=[4, 8, 16, 32])
-    p.add_argument("--draft-model", metavar="SMALL_LM",
-                   help="a small LM for mlx-lm's own --draft-model speculation (mode draft-model)")
-    p.add_argument("--prompts", default="chat,code,math",
-                   help="built-in sets (chat, code, math) or a JSONL file of "
-                   '{"prompt": ..., "domain": ...}')
+    p.add_argument(
+        "--draft-model",
+        metavar="SMALL_LM",
+        help="a small LM for mlx-lm's own --draft-model speculation (mode draft-model)",
+    )
+    p.add_argument(
+        "--prompts",
+        default="chat,code,math",
+        help='built-in sets (chat, code, math) or a JSONL file of {"prompt": ..., "domain": ...}',
+    )
     p.add_argument("--limit", type=int, help="use at most this many prompts per domain")
     p.add_argument("--trials", type=int, default=3, help="timed runs per prompt (median)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-draft", default="auto",
-                   help="caps to race, e.g. 2,4,7,auto (auto: from the cost model; mlx-lm's "
-                   "draft-model uses its default 3 for auto)")
+    p.add_argument(
+        "--max-draft",
+        default="auto",
+        help="caps to race, e.g. 2,4,7,auto (auto: from the cost model; mlx-lm's "
+        "draft-model uses its default 3 for auto)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -734,12 +877,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="speed-ups and cost curves (matplotlib)")
     s = p.add_argument_group("synthetic acceptance (random weights, real shapes)")
-    s.add_argument("--synthetic", choices=sorted(SHAPES), metavar="SHAPE",
-                   help=f"instead of --model: one of {', '.join(sorted(SHAPES))}")
-    s.add_argument("--acceptance", help="mean accept lengths at block 7 to impose, e.g. "
-                   "chat=3.49,code=5.12 (default: the DSpark paper's domain means)")
-    s.add_argument("--target-bits", type=int, default=8, choices=[4, 8, 16, 32],
-                   help="synthetic target precision (16 = bf16, 32 = float32)")
+    s.add_argument(
+        "--synthetic",
+        choices=sorted(SHAPES),
+        metavar="SHAPE",
+        help=f"instead of --model: one of {', '.join(sorted(SHAPES))}",
+    )
+    s.add_argument(
+        "--acceptance",
+        help="mean accept lengths at block 7 to impose, e.g. "
+        "chat=3.49,code=5.12 (default: the DSpark paper's domain means)",
+    )
+    s.add_argument(
+        "--target-bits",
+        type=int,
+        default=8,
+        choices=[4, 8, 16, 32],
+        help="synthetic target precision (16 = bf16, 32 = float32)",
+    )
     s.add_argument("--context", type=int, default=512, help="synthetic prompt length in tokens")
 
 
@@ -771,8 +926,9 @@ def _resolve_modes(args: argparse.Namespace, drafters: dict[str | None, str]) ->
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         bad = [m for m in modes if m not in ALL_MODES]
         if bad or not modes:
-            raise SpecDecError(f"--modes: unknown mode '{','.join(bad) or args.modes}'; use "
-                               f"{', '.join(ALL_MODES)}")
+            raise SpecDecError(
+                f"--modes: unknown mode '{','.join(bad) or args.modes}'; use {', '.join(ALL_MODES)}"
+            )
         if "draft-model" in modes and not args.draft_model:
             raise SpecDecError("mode draft-model needs --draft-model SMALL_LM")
         return modes
@@ -795,13 +951,15 @@ def _load_drafters(
     spec = [m for m in modes if m in SPEC_MODES]
     if drafters.get(None) and len(spec) > 1:
         raise SpecDecError(
-            "several speculative modes: give each its drafter as --drafter MODE=PATH")
+            "several speculative modes: give each its drafter as --drafter MODE=PATH"
+        )
     loaded = {}
     for m in spec:
         ref = drafters.get(m) or drafters.get(None) or registry.resolve_mode(args.model, m, None)[1]
         if ref is None:
             raise SpecDecError(
-                f"no {m} drafter is known for '{args.model}'; pass --drafter {m}=PATH")
+                f"no {m} drafter is known for '{args.model}'; pass --drafter {m}=PATH"
+            )
         loaded[m], _, _ = load_drafter(ref, target, bits=args.drafter_bits, mode=m)
     return loaded
 
@@ -823,11 +981,20 @@ def run_bench(args: argparse.Namespace) -> int:
     if "draft-model" in modes:
         small, _ = load_target(args.draft_model, name=args.draft_model)
         if small.vocab_size != target.vocab_size:
-            raise SpecDecError(f"--draft-model has {small.vocab_size} logits per token but the "
-                               f"target has {target.vocab_size}: they must share a vocabulary")
+            raise SpecDecError(
+                f"--draft-model has {small.vocab_size} logits per token but the "
+                f"target has {target.vocab_size}: they must share a vocabulary"
+            )
         draft_lm = small.model
-    ids = [encode_prompt(tokenizer, p.text, chat=not args.no_chat,
-                         enable_thinking=False if args.no_thinking else None) for p in prompts]
+    ids = [
+        encode_prompt(
+            tokenizer,
+            p.text,
+            chat=not args.no_chat,
+            enable_thinking=False if args.no_thinking else None,
+        )
+        for p in prompts
+    ]
     context_len = int(statistics.median(len(x) for x in ids)) + args.max_new_tokens // 2
 
     rows: list[Row] = []
@@ -842,16 +1009,20 @@ def run_bench(args: argparse.Namespace) -> int:
             fixed = [c for c in caps if c != "auto"]
             for c in fixed:
                 if c > d.max_draft:
-                    raise SpecDecError(f"--max-draft {c} exceeds the {m} drafter's block "
-                                       f"({d.max_draft})")
+                    raise SpecDecError(
+                        f"--max-draft {c} exceeds the {m} drafter's block ({d.max_draft})"
+                    )
             # 'auto' needs the acceptance at the full block first (it gives P(>= k) for all k).
             if "auto" in caps and d.max_draft not in fixed:
                 fixed.append(d.max_draft)
             rows += [Row(m, int(c), d) for c in fixed]
 
-    print(f"target {args.model} | modes {', '.join(modes)} | {len(prompts)} prompts | "
-          f"{args.trials} trials | {args.max_new_tokens} new tokens | temperature "
-          f"{args.temperature} | context for the cost model {context_len}", flush=True)
+    print(
+        f"target {args.model} | modes {', '.join(modes)} | {len(prompts)} prompts | "
+        f"{args.trials} trials | {args.max_new_tokens} new tokens | temperature "
+        f"{args.temperature} | context for the cost model {context_len}",
+        flush=True,
+    )
     samples: list[Sample] = []
 
     def race(batch: list[Row]) -> None:
@@ -877,12 +1048,17 @@ def run_bench(args: argparse.Namespace) -> int:
         survival[m] = survival_from_rounds(obs, cap_seen)
         mean_a = 1 + sum(survival[m])
         target.set_taps(d.tap_ids)
-        costs[m] = measure_costs(target, d, context_len, context_rows=round(mean_a),
-                                 reps=args.cost_reps, params=params)
+        costs[m] = measure_costs(
+            target, d, context_len, context_rows=round(mean_a), reps=args.cost_reps, params=params
+        )
         best = costs[m].best_cap(survival[m])
         store_auto_cap(cap_cache_key(target, d), costs[m], survival[m], best)
-        report_costs[m] = {**costs[m].to_json(), "survival": survival[m], "best_cap": best,
-                           "table": costs[m].table(survival[m])}
+        report_costs[m] = {
+            **costs[m].to_json(),
+            "survival": survival[m],
+            "best_cap": best,
+            "table": costs[m].table(survival[m]),
+        }
         if "auto" in caps:
             extra = Row(m, best, d, label=f"{m}@auto={best}")
             if all(r.name != Row(m, best).name for r in rows):
@@ -910,9 +1086,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     print()
     print(results_table(stats))
-    print(f"\nspeed-up: decode tok/s over {base} (mlx-lm's own generation on the same target); "
-          "accept = tokens committed per target forward, bonus included; medians over "
-          f"{args.trials} trials, warm-up excluded")
+    print(
+        f"\nspeed-up: decode tok/s over {base} (mlx-lm's own generation on the same target); "
+        "accept = tokens committed per target forward, bonus included; medians over "
+        f"{args.trials} trials, warm-up excluded"
+    )
     for m in costs:
         print()
         print(cost_tables(costs[m], survival[m], f"[{m}]"))
@@ -923,17 +1101,25 @@ def run_bench(args: argparse.Namespace) -> int:
     print(machine_line(machine))
 
     report = {
-        "kind": "bench", "command": _command(),
-        "machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "context_len": context_len, "results": stats, "cost_model": report_costs,
+        "kind": "bench",
+        "command": _command(),
+        "machine": machine,
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "context_len": context_len,
+        "results": stats,
+        "cost_model": report_costs,
         "lossless": verdict,
         "samples": [asdict(s) for s in samples],
     }
     if args.json:
         _write_json(args.json, report)
     if args.plot:
-        plot(args.plot, [s for s in stats if s["domain"] != "all"], costs,
-             f"{args.model} | {machine_line(machine)}")
+        plot(
+            args.plot,
+            [s for s in stats if s["domain"] != "all"],
+            costs,
+            f"{args.model} | {machine_line(machine)}",
+        )
     return 0 if verdict["lossless"] is not False else 1
 
 
@@ -941,12 +1127,16 @@ def _verdict_line(v: dict[str, Any]) -> str:
     if not v["checked"]:
         return f"lossless: not checked ({v['note']})"
     if v["lossless"]:
-        return (f"lossless: yes, {v['compared']} greedy outputs identical to {v['reference']} "
-                "token by token")
+        return (
+            f"lossless: yes, {v['compared']} greedy outputs identical to {v['reference']} "
+            "token by token"
+        )
     first = v["mismatches"][0]
-    return (f"lossless: NO, {len(v['mismatches'])} of {v['compared']} outputs differ from "
-            f"{v['reference']} (first: {first['row']} on prompt {first['prompt']}, from token "
-            f"{first['first_difference']})")
+    return (
+        f"lossless: NO, {len(v['mismatches'])} of {v['compared']} outputs differ from "
+        f"{v['reference']} (first: {first['row']} on prompt {first['prompt']}, from token "
+        f"{first['first_difference']})"
+    )
 
 
 # ================================================================================ synthetic
@@ -982,11 +1172,20 @@ def synthetic_pair(name: str, target_bits: int, drafter_bits: int) -> tuple[Targ
 
     s = SHAPES[name]
     mx.random.seed(0)
-    config = dict(model_type="qwen3", hidden_size=s.hidden, num_hidden_layers=s.layers,
-                  intermediate_size=s.intermediate, num_attention_heads=s.heads,
-                  num_key_value_heads=s.kv_heads, head_dim=s.head_dim, vocab_size=s.vocab,
-                  rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-                  tie_word_embeddings=s.tied)
+    config = dict(
+        model_type="qwen3",
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        intermediate_size=s.intermediate,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        head_dim=s.head_dim,
+        vocab_size=s.vocab,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=s.tied,
+    )
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
     # bf16 as released; but MLX's CPU bf16 kernels are ~10x slower than fp32, so a CPU run keeps
     # fp32 activations (and quantization scales) unless 16 bits are asked for.
@@ -998,11 +1197,18 @@ def synthetic_pair(name: str, target_bits: int, drafter_bits: int) -> tuple[Targ
         config["quantization"] = {"group_size": 64, "bits": target_bits}
     mx.eval(model.parameters())
     target = Target(model, config, name=f"synthetic-{name}")
-    dcfg = {**config, "num_hidden_layers": DSPARK_LAYERS, "block_size": DSPARK_BLOCK,
-            "mask_token_id": s.mask_token, "target_layer_ids": list(s.taps),
-            "num_target_layers": s.layers, "markov_rank": DSPARK_RANK,
-            "enable_confidence_head": True, "confidence_head_with_markov": True,
-            "architectures": ["Qwen3DSparkModel"]}
+    dcfg = {
+        **config,
+        "num_hidden_layers": DSPARK_LAYERS,
+        "block_size": DSPARK_BLOCK,
+        "mask_token_id": s.mask_token,
+        "target_layer_ids": list(s.taps),
+        "num_target_layers": s.layers,
+        "markov_rank": DSPARK_RANK,
+        "enable_confidence_head": True,
+        "confidence_head_with_markov": True,
+        "architectures": ["Qwen3DSparkModel"],
+    }
     drafter = DSparkDrafter(DSparkConfig.from_dict(dcfg))
     drafter.set_dtype(dtype)
     # The released drafters' embedding and head equal the target's, so the loader shares them;
@@ -1083,17 +1289,21 @@ def run_synthetic(args: argparse.Namespace) -> int:
         raise SpecDecError(f"--max-draft: the DSpark block is {DSPARK_BLOCK}")
     t0 = time.perf_counter()
     target, drafter = synthetic_pair(args.synthetic, args.target_bits, args.drafter_bits)
-    print(f"SYNTHETIC ACCEPTANCE (random weights; acceptance imposed, not measured): "
-          f"{args.synthetic}-shaped target at {args.target_bits} bits, DSpark-shaped drafter "
-          f"({DSPARK_LAYERS} layers, block {DSPARK_BLOCK}, Markov rank {DSPARK_RANK}) at "
-          f"{args.drafter_bits} bits; built in {time.perf_counter() - t0:.1f} s; context "
-          f"{args.context}, {args.max_new_tokens} new tokens, {args.trials} trials", flush=True)
+    print(
+        f"SYNTHETIC ACCEPTANCE (random weights; acceptance imposed, not measured): "
+        f"{args.synthetic}-shaped target at {args.target_bits} bits, DSpark-shaped drafter "
+        f"({DSPARK_LAYERS} layers, block {DSPARK_BLOCK}, Markov rank {DSPARK_RANK}) at "
+        f"{args.drafter_bits} bits; built in {time.perf_counter() - t0:.1f} s; context "
+        f"{args.context}, {args.max_new_tokens} new tokens, {args.trials} trials",
+        flush=True,
+    )
     rng = random.Random(args.seed)
     ids = [rng.randrange(target.vocab_size) for _ in range(args.context)]
     context_len = args.context + args.max_new_tokens // 2
     mean_tau = statistics.mean(levels.values())
-    costs = measure_costs(target, drafter, context_len, context_rows=round(mean_tau),
-                          reps=args.cost_reps)
+    costs = measure_costs(
+        target, drafter, context_len, context_rows=round(mean_tau), reps=args.cost_reps
+    )
 
     plan: list[tuple[str, int]] = []
     for label, p in rates.items():
@@ -1101,16 +1311,22 @@ def run_synthetic(args: argparse.Namespace) -> int:
             cap = costs.best_cap(geometric_survival(p, DSPARK_BLOCK)) if c == "auto" else int(c)
             if (label, cap) not in plan:
                 plan.append((label, cap))
-    auto_caps = {label: costs.best_cap(geometric_survival(p, DSPARK_BLOCK))
-                 for label, p in rates.items()}
+    auto_caps = {
+        label: costs.best_cap(geometric_survival(p, DSPARK_BLOCK)) for label, p in rates.items()
+    }
 
     samples: list[Sample] = []
     _run_synthetic_row(target, None, ids, args.max_new_tokens, None)  # warm-up, excluded
     # Warm-up, excluded: every row once with the very acceptance draws its trials replay, so every
     # (verify width, context length) shape is met before timing (MLX CUDA compiles per shape).
     for label, cap in plan:
-        _run_synthetic_row(ScriptedAcceptance(target, rates[label], seed=args.seed), drafter,
-                           ids, args.max_new_tokens, cap)
+        _run_synthetic_row(
+            ScriptedAcceptance(target, rates[label], seed=args.seed),
+            drafter,
+            ids,
+            args.max_new_tokens,
+            cap,
+        )
     for trial in range(args.trials):
         r = _run_synthetic_row(target, None, ids, args.max_new_tokens, None)
         samples.append(Sample.of("baseline", "all", 0, trial, r))
@@ -1128,40 +1344,85 @@ def run_synthetic(args: argparse.Namespace) -> int:
         st = summarize(samples, f"dspark@{cap}", label)
         assert st is not None
         pred = costs.predicted_tps(cap, st["accept_len"])
-        ceiling = costs.predicted_tps(cap, expected_accept(geometric_survival(rates[label],
-                                                                              DSPARK_BLOCK), cap))
-        st.update(row=f"dspark@{cap}", mode="dspark", cap=cap, domain=label,
-                  target_tau=levels[label],
-                  speedup=st["decode_tps"] / base["decode_tps"], predicted_tps=pred,
-                  efficiency=st["decode_tps"] / pred, auto=cap == auto_caps[label])
+        ceiling = costs.predicted_tps(
+            cap, expected_accept(geometric_survival(rates[label], DSPARK_BLOCK), cap)
+        )
+        st.update(
+            row=f"dspark@{cap}",
+            mode="dspark",
+            cap=cap,
+            domain=label,
+            target_tau=levels[label],
+            speedup=st["decode_tps"] / base["decode_tps"],
+            predicted_tps=pred,
+            efficiency=st["decode_tps"] / pred,
+            auto=cap == auto_caps[label],
+        )
         stats.append(st)
-        body.append([label, levels[label], f"{cap}{' (auto)' if st['auto'] else ''}",
-                     st["accept_len"], st["decode_tps"], pred, st["efficiency"],
-                     st["speedup"], ceiling / costs.baseline_tps])
+        body.append(
+            [
+                label,
+                levels[label],
+                f"{cap}{' (auto)' if st['auto'] else ''}",
+                st["accept_len"],
+                st["decode_tps"],
+                pred,
+                st["efficiency"],
+                st["speedup"],
+                ceiling / costs.baseline_tps,
+            ]
+        )
     print()
-    print(f"baseline (mlx-lm generate_step, same random target): {base['decode_tps']:.1f} tok/s "
-          f"decode, TTFT {base['ttft_ms']:.0f} ms")
-    print(_fmt_table(["profile", "tau@7", "cap", "accept", "decode tok/s", "predicted tok/s",
-                      "efficiency", "speed-up", "model speed-up"], body))
-    print("\naccept = measured tokens per round; predicted = accept / (t_draft + t_verify(cap+1)) "
-          "from the cost model below; efficiency = measured / predicted; model speed-up = the "
-          "cost model's ceiling at the profile's expected accept length over its plain step")
+    print(
+        f"baseline (mlx-lm generate_step, same random target): {base['decode_tps']:.1f} tok/s "
+        f"decode, TTFT {base['ttft_ms']:.0f} ms"
+    )
+    print(
+        _fmt_table(
+            [
+                "profile",
+                "tau@7",
+                "cap",
+                "accept",
+                "decode tok/s",
+                "predicted tok/s",
+                "efficiency",
+                "speed-up",
+                "model speed-up",
+            ],
+            body,
+        )
+    )
+    print(
+        "\naccept = measured tokens per round; predicted = accept / (t_draft + t_verify(cap+1)) "
+        "from the cost model below; efficiency = measured / predicted; model speed-up = the "
+        "cost model's ceiling at the profile's expected accept length over its plain step"
+    )
     print()
     surv = geometric_survival(statistics.mean(rates.values()), DSPARK_BLOCK)
     print(cost_tables(costs, surv, f"[synthetic {args.synthetic}, mean profile]"))
     print(machine_line(machine))
     report = {
-        "kind": "synthetic-acceptance", "command": _command(),
-        "machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "shape": asdict(SHAPES[args.synthetic]), "levels": levels, "rates": rates,
-        "baseline": base, "results": stats, "cost_model": {**costs.to_json(),
-                                                           "auto_caps": auto_caps},
+        "kind": "synthetic-acceptance",
+        "command": _command(),
+        "machine": machine,
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "shape": asdict(SHAPES[args.synthetic]),
+        "levels": levels,
+        "rates": rates,
+        "baseline": base,
+        "results": stats,
+        "cost_model": {**costs.to_json(), "auto_caps": auto_caps},
     }
     if args.json:
         _write_json(args.json, report)
     if args.plot:
-        plot(args.plot, stats, {"dspark": costs},
-             f"SYNTHETIC {args.synthetic} | {machine_line(machine)}")
+        plot(
+            args.plot,
+            stats,
+            {"dspark": costs},
+            f"SYNTHETIC {args.synthetic} | {machine_line(machine)}",
+        )
     return 0
 
 
