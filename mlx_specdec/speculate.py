@@ -70,10 +70,19 @@ def speculate(
     eos_ids: Collection[int] = (),
     confidence_threshold: float = 0.0,
     cache: list[Any] | None = None,
+    drafter_state: Any = None,
+    cached: int = 0,
 ) -> Iterator[Step]:
-    """Generate up to `max_new_tokens` tokens after `prompt_ids`, yielding each round's tokens."""
+    """Generate up to `max_new_tokens` tokens after `prompt_ids`, yielding each round's tokens.
+
+    `cache` and `drafter_state` may already hold the first `cached` prompt positions (a reused
+    prefix); only the rest of the prompt is prefilled. When the generator runs to its end,
+    both hold the same committed positions (the last round's aside), ready to be kept.
+    """
     if not prompt_ids:
         raise SpecDecError("the prompt is empty: give at least one token")
+    if not 0 <= cached < len(prompt_ids):
+        raise SpecDecError(f"cached={cached} must leave at least one of the prompt's tokens")
     if max_new_tokens < 1:
         return
     cap = check_max_draft(max_draft, drafter)
@@ -81,8 +90,8 @@ def speculate(
     if params.seed is not None:
         mx.random.seed(params.seed)
     cache = target.make_cache() if cache is None else cache
-    state = drafter.new_state()
-    prompt = mx.array(list(prompt_ids), dtype=mx.int32)
+    state = drafter.new_state() if drafter_state is None else drafter_state
+    prompt = mx.array(list(prompt_ids[cached:]), dtype=mx.int32)
 
     logits, taps = target.prefill(prompt, cache)
     anchor = sample(logits[None], params).astype(mx.int32)
@@ -109,7 +118,7 @@ def speculate(
         mx.async_eval(accepted, next_token, proposal.tokens)
         return _Launched(proposal, accepted, next_token, taps)
 
-    # The drafter's first context is the whole prompt; token after position p is prompt[p+1].
+    # The drafter's first context is the prefilled prompt; the token after position p is p + 1.
     pending = launch(anchor, taps, mx.concatenate([prompt[1:], anchor]))
     yield Step([first], None)
     while pending is not None:

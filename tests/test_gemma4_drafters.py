@@ -279,8 +279,8 @@ def test_eagle3_gemma_chain_matches_the_spec_formulas(tmp_path, k_eq_v):
     hidden = taps @ w["fc.weight"].T
     embeds = embed[tokens] * 8.0  # sqrt(H) through bf16: exactly 8
 
-    state = drafter.new_state()
-    h = drafter.extend(state, mx.array(taps), mx.array(tokens, dtype=mx.int32))
+    (cache,) = drafter.new_state()
+    h = drafter.extend(cache, mx.array(taps), mx.array(tokens, dtype=mx.int32))
     want_h, want_z = eagle3_gemma_reference(w, text, embed, embeds, hidden, cap)  # tied head
     np.testing.assert_allclose(np.array(h[0]), want_h, atol=2e-4)
     z = np.array(drafter.logits(h))
@@ -288,7 +288,7 @@ def test_eagle3_gemma_chain_matches_the_spec_formulas(tmp_path, k_eq_v):
     assert 0.9 * cap < np.abs(z).max() <= cap
     # One chain step: the draft's embedding with the output hidden state it came from.
     draft = int(z.argmax())
-    h2 = drafter.step(state, mx.array([draft], dtype=mx.int32), h)
+    h2 = drafter.step(cache, mx.array([draft], dtype=mx.int32), h)
     embeds2 = np.concatenate([embeds, embed[[draft]] * 8.0])
     want_h2, want_z2 = eagle3_gemma_reference(
         w, text, embed, embeds2, np.concatenate([hidden, want_h]), cap

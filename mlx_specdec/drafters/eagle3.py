@@ -5,9 +5,9 @@ MLP, scaled embeddings, soft-capped logits).
 
 Each row pairs a hidden state with a token: the fused target taps of position i (or, inside a
 chain, the drafter's own previous output) with the token at i + 1, at RoPE position i. The layer
-keeps its own KV cache of committed rows. Each round it drops last round's chain rows, appends
-the newly committed (taps, next token) rows, drafts from the last row's output, then feeds each
-draft back with its own output hidden state, one 1-row forward per further draft.
+keeps its own KV cache of committed rows. Each round it appends the newly committed (taps, next
+token) rows, drafts from the last row's output, then feeds each draft back with its own output
+hidden state, one 1-row forward per further draft; the chain's rows are dropped again at the end.
 """
 
 from __future__ import annotations
@@ -121,12 +121,6 @@ class Eagle3Layer(InjectedDecoderLayer):
         return h * self.layer_scalar
 
 
-@dataclass
-class Eagle3State:
-    cache: KVCache
-    committed: int = 0  # cache rows of committed tokens; the rest are last round's chain rows
-
-
 class Eagle3Drafter(TargetCopies, nn.Module):
     kind = "eagle3"
 
@@ -146,41 +140,43 @@ class Eagle3Drafter(TargetCopies, nn.Module):
             self._embed_scale = gemma_embed_scale(s.hidden_size)
             self._logit_softcap = config.logit_softcap
 
-    def new_state(self) -> Eagle3State:
-        return Eagle3State(KVCache())
+    def new_state(self) -> list[KVCache]:
+        return [KVCache()]
 
-    def extend(self, state: Eagle3State, context: mx.array, next_tokens: mx.array) -> mx.array:
-        """Drop last round's chain rows, append the committed (taps, next token) rows; returns the
-        last row's output hidden state [1, 1, H]."""
-        state.cache.trim(state.cache.offset - state.committed)
-        h = self.layers[0](self._embed(next_tokens)[None], self.fc(context)[None], state.cache)
-        state.committed = state.cache.offset
-        return h
+    def extend(self, cache: KVCache, context: mx.array, next_tokens: mx.array) -> mx.array:
+        """Append the committed (taps, next token) rows; returns the last row's output hidden
+        state [1, 1, H]."""
+        return self.layers[0](self._embed(next_tokens)[None], self.fc(context)[None], cache)
 
-    def step(self, state: Eagle3State, token: mx.array, h: mx.array) -> mx.array:
+    def step(self, cache: KVCache, token: mx.array, h: mx.array) -> mx.array:
         """One chain step: the token just drafted [1] with the output hidden state it came from."""
-        return self.layers[0](self._embed(token)[None], h, state.cache)
+        return self.layers[0](self._embed(token)[None], h, cache)
 
     def logits(self, h: mx.array) -> mx.array:
         return self._head(self.norm(h[0]))
 
     def propose(
         self,
-        state: Eagle3State,
+        state: list[KVCache],
         context: mx.array,
         next_tokens: mx.array,
         n: int,
         params: SamplingParams,
         with_confidence: bool = False,
     ) -> Proposal:
-        h = self.extend(state, context, next_tokens.astype(mx.int32))
+        cache = state[0]
+        h = self.extend(cache, context, next_tokens.astype(mx.int32))
+        committed = cache.offset
         tokens, qs = [], []
         for k in range(n):
             if k:
-                h = self.step(state, tokens[-1], h)
+                h = self.step(cache, tokens[-1], h)
             token, q = pick(self.logits(h), params)
             tokens.append(token)
             qs.append(q)
+        # Drop the chain rows: between rounds the cache holds committed positions only, like
+        # every drafter's state, so it can be trimmed or snapshotted as a plain prefix.
+        cache.trim(cache.offset - committed)
         return Proposal(mx.concatenate(tokens), None if params.greedy else mx.concatenate(qs))
 
 
