@@ -9,6 +9,7 @@ from .generate import (
     stream_speculative_generate,
 )
 from .loading import PairConfig, load_drafter, load_pair, load_target
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
@@ -30,6 +31,7 @@ __all__ = [
     "GenerationChunk",
     "GenerationResult",
     "PairConfig",
+    "PrefixCache",
     "Round",
     "SamplingParams",
     "SpecDecError",

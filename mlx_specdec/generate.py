@@ -65,6 +65,9 @@ class GenerationChunk:
     tokens: list[int]
     round: Round | None = None
     result: GenerationResult | None = field(default=None, repr=False)
+    # How the prefill went: {"prefix_cache": "hit"|"miss"|..., "cached_tokens": N} (empty when
+    # no prefix cache is used); the same on every chunk.
+    cache_info: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def encode_prompt(
@@ -120,7 +123,7 @@ def _stream(
             detok.add_token(t)
         if len(shown) < len(new):
             finish = "stop"
-        yield GenerationChunk(detok.last_segment, shown, rnd)
+        yield GenerationChunk(detok.last_segment, shown, rnd, cache_info=cache_info)
     detok.finalize()
     end = time.perf_counter()
     t_first = t_first or end
@@ -135,7 +138,7 @@ def _stream(
         mode=mode,
         **cache_info,
     )
-    yield GenerationChunk(detok.last_segment, [], None, result)
+    yield GenerationChunk(detok.last_segment, [], None, result, cache_info)
 
 
 def stream_speculative_generate(

@@ -134,8 +134,10 @@ class PrefixCache:
         spill_dir: str | Path | None = None,
         max_disk_mb: float = 16384,
     ) -> None:
-        if max_ram_mb < 0 or max_disk_mb < 0:
-            raise SpecDecError("prefix cache sizes must be >= 0 MB")
+        if not (max_ram_mb >= 0 and max_disk_mb >= 0):  # also refuses NaN
+            raise SpecDecError(
+                f"prefix cache sizes must be >= 0 MiB, got RAM {max_ram_mb}, disk {max_disk_mb}"
+            )
         self.max_ram_bytes = int(max_ram_mb * 2**20)
         self.max_disk_bytes = int(max_disk_mb * 2**20)
         self._ram: OrderedDict[tuple[str, bytes], Entry] = OrderedDict()

@@ -251,15 +251,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             "mean_accept_len": round(result.mean_accept_len, 3),
             "decode_tokens_per_sec": round(result.tokens_per_sec, 2),
             "prefill_ms": round(result.prefill_seconds * 1000, 2),
+            "cached_prompt_tokens": result.cached_tokens,
+            "prefix_cache": result.prefix_cache,
             "rounds": len(result.rounds),
         }
 
-    def usage(result: GenerationResult) -> dict[str, int]:
+    def usage(result: GenerationResult) -> dict[str, Any]:
         n = len(result.tokens)
         return {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": n,
             "total_tokens": result.prompt_tokens + n,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
         }
 
     def finish_reason(result: GenerationResult, stops: StopFilter, tool_calls: int) -> str:

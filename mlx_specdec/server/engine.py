@@ -21,6 +21,7 @@ from ..drafters.base import Drafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, stream_speculative_generate
 from ..loading import PairConfig
+from ..prefix_cache import PrefixCache
 from ..speculate import Round
 from ..target import Target
 
@@ -63,6 +64,24 @@ class Metrics:
         )
         self.queued = Gauge("specdec_queue_depth", "Requests waiting for the engine", registry=r)
         self.busy = Gauge("specdec_busy", "1 while a request is generating", registry=r)
+        self.prefix_lookups = Counter(
+            "specdec_prefix_cache_lookups",
+            "Prefix cache lookups by outcome (hit, miss, unsupported, off)",
+            ["outcome"],
+            registry=r,
+        )
+        self.cached_prompt_tokens = Counter(
+            "specdec_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r
+        )
+        self.prefix_bytes = Gauge(
+            "specdec_prefix_cache_bytes", "Bytes the prefix cache holds", ["tier"], registry=r
+        )
+
+    def watch(self, prefix_cache: PrefixCache) -> None:
+        """Report the cache's size at every scrape."""
+        for tier in ("ram", "disk"):
+            gauge = self.prefix_bytes.labels(tier)
+            gauge.set_function(lambda tier=tier: prefix_cache.stats()[f"{tier}_bytes"])
 
 
 @dataclass
@@ -96,12 +115,16 @@ class Engine:
         max_queue: int = 16,
         max_draft: int | None = None,
         confidence_threshold: float = 0.0,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if max_queue < 1:
             raise SpecDecError(f"--max-queue must be >= 1, got {max_queue}")
         self.target, self.tokenizer, self.drafter, self.config = target, tokenizer, drafter, config
         self.max_draft, self.confidence_threshold = max_draft, confidence_threshold
+        self.prefix_cache = prefix_cache
         self.metrics = Metrics()
+        if prefix_cache is not None:
+            self.metrics.watch(prefix_cache)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._mean_seconds = 1.0  # running mean of a request's duration, for Retry-After
         self.busy = False
@@ -168,6 +191,7 @@ class Engine:
             job.ids,
             max_draft=self.max_draft,
             confidence_threshold=self.confidence_threshold,
+            prefix_cache=self.prefix_cache,
             **job.options,
         )
         try:
@@ -191,6 +215,7 @@ class Engine:
                         now - t_first,
                         "stop",
                         self.drafter.kind if self.drafter else "baseline",
+                        **chunk.cache_info,
                     )
                     break
         finally:
@@ -201,6 +226,8 @@ class Engine:
     def _record(self, result: GenerationResult) -> None:
         m = self.metrics
         m.prompt_tokens.inc(result.prompt_tokens)
+        m.prefix_lookups.labels(result.prefix_cache).inc()
+        m.cached_prompt_tokens.inc(result.cached_tokens)
         m.generated_tokens.inc(len(result.tokens))
         for r in result.rounds:
             m.accept_length.observe(len(r.committed))
