@@ -45,6 +45,8 @@ ALL_MODES = ("baseline", "draft-model", *SPEC_MODES)
 MLX_LM_DEFAULT_DRAFTS = 3  # mlx_lm.generate --num-draft-tokens default
 PRIOR_ACCEPT = 0.7  # per-position acceptance assumed before any run was observed
 CACHE_VERSION = 1
+AUTO_CONTEXT = 512  # context length (tokens) auto_max_draft times the components at
+AUTO_BUDGET_S = 6.0  # seconds of timed repeats auto_max_draft may spend (see measure_costs)
 
 # Mean accepted length per round (bonus included, block 7, non-thinking), DSpark paper Table 1,
 # averaged per domain: chat = MT-Bench/Alpaca/Arena-Hard, code = MBPP/HumanEval/LCB,
@@ -274,13 +276,18 @@ class CostModel:
             return None  # an old or damaged cache entry: measure again
 
 
-def _median_ms(fn: Callable[[], Any], reps: int) -> float:
+def _median_ms(fn: Callable[[], Any], reps: int, seconds: float | None = None) -> float:
+    """Median of `reps` timed calls after one warm call; with `seconds`, stop repeating once
+    that much time was spent on this point (one timed call at least)."""
+    start = time.perf_counter()
     mx.eval(fn())  # warm: first use of a shape may compile or allocate
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         mx.eval(fn())
         times.append((time.perf_counter() - t) * 1000)
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            break
     return statistics.median(times)
 
 
@@ -301,13 +308,20 @@ def measure_costs(
     max_width: int = 16,
     reps: int = 5,
     params: SamplingParams | None = None,
+    budget_s: float | None = None,
 ) -> CostModel:
     """Time one target forward of K = 1..max(max_width, max_draft+1) tokens on a context of
     `context_len` tokens, and one drafter round per cap given `context_rows` new context rows
-    (the rows a round commits, about the mean accept length)."""
+    (the rows a round commits, about the mean accept length).
+
+    `budget_s` bounds the repeats: each point gets an equal share of it and stops repeating
+    once its share is spent (a point always gets one warm and one timed call), so the whole
+    measurement costs about max(budget_s, 2 calls per point) after the prefill."""
     params = params or SamplingParams()
     vocab = target.vocab_size
     widths = range(1, max(max_width, (drafter.max_draft + 1) if drafter else 1) + 1)
+    points = len(widths) + (drafter.max_draft if drafter is not None else 0)
+    share = budget_s / points if budget_s is not None else None
     key = mx.random.key(0)
     ids = mx.random.randint(0, vocab, (max(context_len, len(widths)),), key=key).astype(mx.int32)
     cache = target.make_cache()
@@ -323,7 +337,7 @@ def measure_costs(
 
         return run
 
-    verify_ms = {k: _median_ms(forward(k), reps) for k in widths}
+    verify_ms = {k: _median_ms(forward(k), reps, share) for k in widths}
     draft_ms: dict[int, float] = {}
     if drafter is not None and taps is not None:
         state = drafter.new_state()
@@ -339,7 +353,7 @@ def measure_costs(
 
             return run
 
-        draft_ms = {c: _median_ms(propose(c), reps) for c in range(1, drafter.max_draft + 1)}
+        draft_ms = {c: _median_ms(propose(c), reps, share) for c in range(1, drafter.max_draft + 1)}
     return CostModel(context_len, verify_ms, draft_ms)
 
 
@@ -372,11 +386,18 @@ def _drafter_tag(drafter: Drafter) -> str:
     return drafter.kind
 
 
+def _target_id(target: Target) -> str:
+    """The target's name; a local folder by its absolute path, so that the same folder reached
+    through another relative path shares the cached cap."""
+    path = Path(target.name).expanduser()
+    return str(path.resolve()) if path.is_dir() else target.name
+
+
 def cap_cache_key(target: Target, drafter: Drafter, drafter_tag: str | None = None) -> str:
     m = machine_info()
     return "|".join(
         [
-            target.name,
+            _target_id(target),
             _precision(target),
             drafter_tag or _drafter_tag(drafter),
             m["chip"],
@@ -425,30 +446,65 @@ def auto_max_draft(
     drafter: Drafter,
     *,
     survival: Sequence[float] | None = None,
-    context_len: int = 512,
+    context_len: int = AUTO_CONTEXT,
     drafter_tag: str | None = None,
     refresh: bool = False,
+    budget_s: float | None = AUTO_BUDGET_S,
+    notify: Callable[[str], None] | None = None,
 ) -> int:
     """The draft cap maximizing predicted tok/s for this pair on this machine.
 
     Cached in ~/.cache/mlx-specdec/max_draft.json (or $MLX_SPECDEC_CACHE) per target name,
-    target precision, drafter (`drafter_tag`, default its kind), chip, backend, BLAS and mlx
-    version. A cached cap is returned at once unless `survival` (observed P(at least k drafts
-    accepted), k = 1..) or `refresh` is given. Otherwise the cost curves (cached ones reused
-    unless `refresh`) are combined with `survival`, else the survival `bench` last observed for
-    this key, else a prior of 0.7 per position.
+    target precision, drafter (`drafter_tag`, default its kind and precision), chip, backend,
+    BLAS and mlx version. A cached cap is returned at once unless `survival` (observed P(at
+    least k drafts accepted), k = 1..) or `refresh` is given. Otherwise the cost curves (cached
+    ones reused unless `refresh`) are combined with `survival`, else the survival `bench` last
+    observed for this key, else a prior of 0.7 per position.
+
+    Measuring (only on a cache miss or with `refresh`) times the target at K = 1..max_draft+1
+    tokens and the drafter at every cap on a `context_len`-token context, repeats bounded by
+    `budget_s` (see `measure_costs`); `notify` gets a line before and after it.
     """
     key = cap_cache_key(target, drafter, drafter_tag)
     entry = _read_cache(cache_file()).get(key, {})
-    if survival is None and not refresh and "cap" in entry:
-        return int(entry["cap"])
+    cached = entry.get("cap")
+    usable = isinstance(cached, int) and 1 <= cached <= drafter.max_draft
+    if survival is None and not refresh and usable:
+        return cached
     costs = None if refresh else CostModel.from_json(entry.get("costs"))
     if costs is None or max(costs.caps(), default=0) < drafter.max_draft:
-        costs = measure_costs(target, drafter, context_len)
+        if notify:
+            notify(
+                f"mlx-specdec: calibrating the draft cap for this model on this machine (once, "
+                f"a few seconds; cached in {cache_file()}); --max-draft N skips it"
+            )
+        t0 = time.perf_counter()
+        costs = measure_costs(target, drafter, context_len, max_width=1, budget_s=budget_s)
+        if notify:
+            notify(f"mlx-specdec: calibrated in {time.perf_counter() - t0:.1f} s")
     surv = list(survival or entry.get("survival") or geometric_survival(PRIOR_ACCEPT, 1))
     cap = costs.best_cap(surv)
     store_auto_cap(key, costs, surv, cap)
     return cap
+
+
+def resolve_max_draft(
+    target: Target,
+    drafter: Drafter | None,
+    max_draft: int | str | None,
+    *,
+    notify: Callable[[str], None] | None = None,
+) -> int | None:
+    """What a `max_draft` setting means for this pair: "auto" -> `auto_max_draft` (the cached
+    cap, or one calibrated now and cached); None -> None (the drafter's full block); N -> N
+    (checked later against the drafter's block). Plain decoding (no drafter) needs no cap."""
+    if isinstance(max_draft, str):
+        if max_draft != "auto":
+            raise SpecDecError(f"max_draft must be an integer, None or 'auto', got '{max_draft}'")
+        if drafter is None:
+            return None
+        return auto_max_draft(target, drafter, notify=notify)
+    return max_draft
 
 
 # ================================================================================ running
@@ -620,7 +676,9 @@ def lossless_verdict(samples: Sequence[Sample], reference: str, greedy: bool) ->
         return {
             "checked": False,
             "lossless": None,
-            "note": "sampling (temperature > 0): outputs are random; verdict is for greedy",
+            "note": "skipped: at temperature > 0 outputs are samples, so the token-by-token "
+            "verdict is for greedy (temperature 0); the sampler's exactness is "
+            "tested statistically in tests/test_sampling.py",
         }
     ref = {s.prompt: s.tokens for s in samples if s.row == reference and s.trial == 0}
     mismatches = []
@@ -869,7 +927,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="caps to race, e.g. 2,4,7,auto (auto: from the cost model; mlx-lm's "
         "draft-model uses its default 3 for auto)",
     )
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (lossless verdict checked); > 0 samples every mode, "
+        "mlx-lm's included, and skips the verdict",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat template without thinking")
@@ -912,6 +976,11 @@ def _check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.synthetic:
+        if args.temperature != 0:
+            raise SpecDecError(
+                "--synthetic imposes acceptance through greedy verification; "
+                "--temperature applies to real models only"
+            )
         return run_synthetic(args)
     if not args.model:
         raise SpecDecError("no model given: pass --model REPO_OR_PATH (or --synthetic SHAPE)")
@@ -1125,7 +1194,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _verdict_line(v: dict[str, Any]) -> str:
     if not v["checked"]:
-        return f"lossless: not checked ({v['note']})"
+        return f"lossless: verdict {v['note']}"
     if v["lossless"]:
         return (
             f"lossless: yes, {v['compared']} greedy outputs identical to {v['reference']} "

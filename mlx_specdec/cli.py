@@ -24,13 +24,46 @@ def positive_int(text: str) -> int:
     return value
 
 
-def draft_cap(text: str) -> int | None:
+def draft_cap(text: str) -> int | str | None:
     """--max-draft: N >= 1 verifies the first N drafts of a round; 0 means the drafter's full
-    block (None, as when the flag is absent)."""
-    value = int(text)
+    block (None); `auto` (the default) is the cap measured best for this model on this machine
+    (cached; see `mlx_specdec.bench.auto_max_draft`)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes an integer (0 = full block) or 'auto', got '{text}'"
+        ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0 = full block), got {value}")
     return value or None
+
+
+def resolve_draft_cap(target, drafter, max_draft: int | str | None) -> int | None:
+    """`--max-draft` for a loaded pair: `auto` becomes the cached cap for this model, precision
+    and machine, or is calibrated once now (saying so on stderr); others pass through."""
+    from .bench import resolve_max_draft
+
+    if drafter is None or max_draft != "auto":
+        return resolve_max_draft(target, drafter, max_draft)
+    said: list[str] = []
+
+    def note(line: str) -> None:
+        said.append(line)
+        _note(line)
+
+    cap = resolve_max_draft(target, drafter, max_draft, notify=note)
+    how = "measured" if said else "cached"
+    _note(
+        f"[auto] --max-draft {cap} (of {drafter.max_draft}; {how} for this model on this machine)"
+    )
+    return cap
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,9 +85,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(
+    p: argparse.ArgumentParser, max_draft_default: str | None = "auto"
+) -> None:
+    """Sampling flags and --max-draft (default `auto`, or None = the full block)."""
+    default = (
+        "auto: the cap measured fastest for this model on this machine, measured once (a few "
+        "seconds) and then cached"
+        if max_draft_default == "auto"
+        else "0"
+    )
     p.add_argument(
-        "--max-draft", type=draft_cap, help="drafts verified per round (cap; 0 = full block)"
+        "--max-draft",
+        type=draft_cap,
+        default=max_draft_default,
+        help=f"drafts verified per round: N, 0 = the full block, or auto (default: {default})",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -81,6 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"[auto] no drafter known for '{config.target}': plain decoding", file=sys.stderr)
     elif args.mode == "auto":
         print(f"[auto] {config.mode} drafter {config.drafter}", file=sys.stderr)
+    max_draft = resolve_draft_cap(target, drafter, args.max_draft)
     thinking = False if args.no_thinking else None
     ids = encode_prompt(tokenizer, prompt, chat=not args.no_chat, enable_thinking=thinking)
     options = dict(
@@ -97,7 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer,
         drafter,
         ids,
-        max_draft=args.max_draft,
+        max_draft=max_draft,
         confidence_threshold=args.confidence_threshold,
         **options,
     ):

@@ -23,13 +23,35 @@ def _private_cache(tmp_path, monkeypatch):
 def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
     out = tmp_path / "bench.json"
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "The 7th", "domain": "chat"}\n'
-                       '{"prompt": "12 + 30 =", "domain": "math"}\n')
-    rc = main(["bench", "--model", str(FIXTURE / "target"), "--drafter",
-               f"dspark={FIXTURE / 'drafter'}", "--modes", "baseline,dspark,draft-model",
-               "--draft-model", str(FIXTURE / "target"), "--trials", "1",
-               "--max-new-tokens", "12", "--max-draft", "2,auto", "--prompts", str(prompts),
-               "--no-chat", "--cost-reps", "1", "--json", str(out)])
+    prompts.write_text(
+        '{"prompt": "The 7th", "domain": "chat"}\n{"prompt": "12 + 30 =", "domain": "math"}\n'
+    )
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(FIXTURE / "target"),
+            "--drafter",
+            f"dspark={FIXTURE / 'drafter'}",
+            "--modes",
+            "baseline,dspark,draft-model",
+            "--draft-model",
+            str(FIXTURE / "target"),
+            "--trials",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--max-draft",
+            "2,auto",
+            "--prompts",
+            str(prompts),
+            "--no-chat",
+            "--cost-reps",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "lossless: yes" in printed and "machine:" in printed and "best cap:" in printed
@@ -37,8 +59,13 @@ def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
     assert report["lossless"]["lossless"] is True
     assert report["lossless"]["compared"] >= 8  # 2 prompts x (dspark@2, @7, auto, 2 draft-model)
     rows = {(r["row"], r["domain"]) for r in report["results"]}
-    assert {("baseline", "chat"), ("dspark@2", "math"), ("dspark@7", "all"),
-            ("draft-model@2", "all"), ("draft-model@3", "all")} <= rows
+    assert {
+        ("baseline", "chat"),
+        ("dspark@2", "math"),
+        ("dspark@7", "all"),
+        ("draft-model@2", "all"),
+        ("draft-model@3", "all"),
+    } <= rows
     assert any(r["row"].startswith("dspark@auto=") for r in report["results"])
     for r in report["results"]:
         assert r["decode_tps"] > 0 and r["accept_len"] >= 1 and r["ttft_ms"] > 0
@@ -64,8 +91,9 @@ def test_expected_accept_and_survival():
 
 def test_cost_model_prediction_and_best_cap():
     # verify flat up to 4 tokens then doubling; drafter 1 ms per drafted token
-    cm = bench.CostModel(512, {k: 10.0 if k <= 4 else 20.0 for k in range(1, 17)},
-                         {c: float(c) for c in range(1, 8)})
+    cm = bench.CostModel(
+        512, {k: 10.0 if k <= 4 else 20.0 for k in range(1, 17)}, {c: float(c) for c in range(1, 8)}
+    )
     assert cm.baseline_tps == pytest.approx(100.0)
     assert cm.round_ms(3) == pytest.approx(13.0)
     assert cm.predicted_tps(3, 2.6) == pytest.approx(200.0)
@@ -73,8 +101,7 @@ def test_cost_model_prediction_and_best_cap():
     best = cm.best_cap(survival)
     assert best == 3  # the verify step at K = 5 costs more than the extra drafts return
     table = {r["cap"]: r for r in cm.table(survival)}
-    assert table[3]["speedup"] == pytest.approx(
-        bench.expected_accept(survival, 3) / 13.0 * 10.0)
+    assert table[3]["speedup"] == pytest.approx(bench.expected_accept(survival, 3) / 13.0 * 10.0)
     assert bench.CostModel.from_json(cm.to_json()) == cm
     assert bench.CostModel.from_json({"context_len": 1}) is None
 
@@ -85,8 +112,9 @@ def test_auto_max_draft_cache(monkeypatch):
     target, _ = load_target(str(FIXTURE / "target"))
     drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
     calls = []
-    fake = bench.CostModel(64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)},
-                           {c: 1.0 for c in range(1, 8)})
+    fake = bench.CostModel(
+        64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)}, {c: 1.0 for c in range(1, 8)}
+    )
     monkeypatch.setattr(bench, "measure_costs", lambda *a, **k: calls.append(1) or fake)
     assert bench.auto_max_draft(target, drafter, survival=[0.9] * 7) == 2
     assert bench.auto_max_draft(target, drafter) == 2  # from the cache, nothing measured
@@ -99,8 +127,10 @@ def test_auto_max_draft_cache(monkeypatch):
 def test_jsonl_prompts(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "hi", "domain": "chat"}\n\n{"prompt": "x = ?"}\n')
-    assert bench.load_prompts(str(good)) == [bench.BenchPrompt("hi", "chat"),
-                                             bench.BenchPrompt("x = ?", "custom")]
+    assert bench.load_prompts(str(good)) == [
+        bench.BenchPrompt("hi", "chat"),
+        bench.BenchPrompt("x = ?", "custom"),
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     with pytest.raises(SpecDecError, match=r"bad.jsonl:2"):
@@ -139,7 +169,96 @@ def test_scripted_acceptance_follows_profile():
     target, _ = load_target(str(FIXTURE / "target"))
     drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
     for p, want in ((1.0, 7), (0.0, 0)):
-        steps = list(speculate(bench.ScriptedAcceptance(target, p), drafter, [5, 6, 7],
-                               max_new_tokens=30))
+        steps = list(
+            speculate(bench.ScriptedAcceptance(target, p), drafter, [5, 6, 7], max_new_tokens=30)
+        )
         accepted = [s.round.accepted for s in steps if s.round and len(s.round.proposed) == 7]
         assert accepted and all(a == want for a in accepted)
+
+
+def _fixture_pair():
+    from mlx_specdec.loading import load_drafter, load_target
+
+    target, tokenizer = load_target(str(FIXTURE / "target"))
+    drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
+    return target, tokenizer, drafter
+
+
+def test_auto_max_draft_measures_on_a_miss_within_budget():
+    """A cache miss measures only what the caps need (K = 1..block+1), says so, and caches it."""
+    target, _, drafter = _fixture_pair()
+    notes = []
+    cap = bench.auto_max_draft(target, drafter, budget_s=0.5, notify=notes.append)
+    assert 1 <= cap <= drafter.max_draft
+    assert len(notes) == 2 and "calibrating" in notes[0] and "--max-draft N" in notes[0]
+    (entry,) = json.loads(bench.cache_file().read_text())["entries"].values()
+    assert entry["cap"] == cap and entry["survival"] == [bench.PRIOR_ACCEPT]
+    assert sorted(int(k) for k in entry["costs"]["verify_ms"]) == list(range(1, 9))
+    assert entry["costs"]["context_len"] == bench.AUTO_CONTEXT
+    notes.clear()
+    assert bench.auto_max_draft(target, drafter, notify=notes.append) == cap and not notes
+
+
+def test_median_ms_budget_bounds_repeats():
+    import mlx.core as mx
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return mx.array(0)
+
+    bench._median_ms(fn, reps=5)
+    assert len(calls) == 6  # one warm call, five timed
+    calls.clear()
+    bench._median_ms(fn, reps=50, seconds=0.0)
+    assert len(calls) == 2  # the budget is spent: one warm call and one timed call
+
+
+def test_python_api_accepts_auto(monkeypatch):
+    from mlx_specdec.generate import speculative_generate
+
+    target, tokenizer, drafter = _fixture_pair()
+    fake = bench.CostModel(
+        64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)}, {c: 1.0 for c in range(1, 8)}
+    )
+    monkeypatch.setattr(bench, "measure_costs", lambda *a, **k: fake)
+    kwargs = dict(max_new_tokens=20, chat=False)
+    auto = speculative_generate(target, tokenizer, drafter, "The 7th", max_draft="auto", **kwargs)
+    assert max(len(r.proposed) for r in auto.rounds) == 2  # the fake curves' best cap
+    full = speculative_generate(target, tokenizer, drafter, "The 7th", **kwargs)
+    assert max(len(r.proposed) for r in full.rounds) == 7  # None keeps meaning the full block
+    assert auto.tokens == full.tokens
+    plain = speculative_generate(target, tokenizer, None, "The 7th", max_draft="auto", **kwargs)
+    assert plain.tokens == full.tokens
+    with pytest.raises(SpecDecError, match="'auto'"):
+        speculative_generate(target, tokenizer, drafter, "The 7th", max_draft="fast", **kwargs)
+
+
+def test_bench_sampling_temperature_reaches_every_mode(tmp_path, capsys):
+    """At T > 0 every mode (mlx-lm's baseline and draft-model included) samples, reports accept
+    length and tok/s, and the token-by-token verdict is skipped (exit 0)."""
+    common = ["bench", "--model", str(FIXTURE / "target"), "--drafter",
+              f"dspark={FIXTURE / 'drafter'}", "--drafter-bits", "32", "--draft-model",
+              str(FIXTURE / "target"), "--modes", "baseline,draft-model,dspark", "--trials", "1",
+              "--max-new-tokens", "24", "--max-draft", "2", "--prompts", "chat", "--limit", "1",
+              "--cost-reps", "1"]  # fmt: skip
+    runs = {}
+    for t in ("0", "1.0"):
+        out = tmp_path / f"t{t}.json"
+        assert main([*common, "--temperature", t, "--json", str(out)]) == 0
+        runs[t] = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "temperature 1.0" in printed and "lossless: verdict skipped" in printed
+    sampled = runs["1.0"]
+    assert sampled["lossless"]["checked"] is False and runs["0"]["lossless"]["lossless"] is True
+    for r in sampled["results"]:
+        assert r["decode_tps"] > 0 and r["accept_len"] >= 1
+    greedy = {s["row"]: s["tokens"] for s in runs["0"]["samples"]}
+    for s in sampled["samples"]:  # the sampled outputs left the greedy path, in every mode
+        assert s["tokens"] != greedy[s["row"]], s["row"]
+
+
+def test_synthetic_is_greedy_only(capsys):
+    assert main(["bench", "--synthetic", "small", "--temperature", "0.7"]) == 2
+    assert "--temperature applies to real models only" in capsys.readouterr().err

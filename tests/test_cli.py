@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 from conftest import FIXTURES
 
 PAIR = FIXTURES / "dspark_qwen3"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """The draft-cap cache of every CLI run here lives in a temporary folder, never ~/.cache."""
+    monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -107,3 +117,42 @@ def test_bad_input_is_one_line_without_traceback():
         assert len(lines) == 1, out.stderr
     flag = cli("generate", "--prompt", "x", "--max-new-tokens", "0")
     assert flag.returncode == 2 and "must be >= 1" in flag.stderr
+
+
+def test_max_draft_auto_is_the_default_measured_once_then_cached(_private_cache):
+    args = ("generate", "--model", str(PAIR / "target"), "--drafter", str(PAIR / "drafter"))
+    args += ("--prompt", "The 7th", "--no-chat", "--max-new-tokens", "20")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "calibrating the draft cap" in first.stderr and "--max-draft N skips it" in first.stderr
+    cap = int(re.search(r"\[auto\] --max-draft (\d+) \(of 7; measured", first.stderr).group(1))
+    assert 1 <= cap <= 7
+    (entry,) = json.loads((_private_cache / "max_draft.json").read_text())["entries"].items()
+    key, value = entry
+    assert key.startswith(str((PAIR / "target").resolve())) and value["cap"] == cap
+
+    again = cli(*args, "--max-draft", "auto")  # the explicit flag means the same
+    assert again.returncode == 0, again.stderr
+    assert "calibrating" not in again.stderr
+    assert f"[auto] --max-draft {cap} (of 7; cached" in again.stderr
+    assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+
+    for flag in ("0", "3"):  # a given cap (0 = the full block) neither measures nor reports
+        fixed = cli(*args, "--max-draft", flag)
+        assert fixed.returncode == 0, fixed.stderr
+        assert "--max-draft" not in fixed.stderr
+        assert fixed.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+
+
+def test_max_draft_flag_values():
+    from mlx_specdec.cli import build_parser
+
+    parser = build_parser()
+    base = ["generate", "--prompt", "x"]
+    assert parser.parse_args(base).max_draft == "auto"
+    assert parser.parse_args([*base, "--max-draft", "0"]).max_draft is None
+    assert parser.parse_args([*base, "--max-draft", "4"]).max_draft == 4
+    assert parser.parse_args(["serve", "--max-draft", "auto"]).max_draft == "auto"
+    assert parser.parse_args(["serve"]).max_draft is None  # the server keeps the full block
+    bad = cli("generate", "--prompt", "x", "--max-draft", "many")
+    assert bad.returncode == 2 and "takes an integer (0 = full block) or 'auto'" in bad.stderr

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import add_model_arguments, add_sampling_arguments, positive_int
+from ..cli import add_model_arguments, add_sampling_arguments, positive_int, resolve_draft_cap
 from ..errors import SpecDecError
 
 HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
@@ -14,7 +14,10 @@ HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    add_sampling_arguments(p)
+    # `--max-draft auto` measures (or reads the cached) cap at start-up. The default stays the
+    # full block, as the Python API's max_draft=None, so that a server's answers (round counts,
+    # seeded samples) match speculative_generate called the same way.
+    add_sampling_arguments(p, max_draft_default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -68,15 +71,16 @@ def run(args: argparse.Namespace) -> int:
     target, tokenizer, drafter, config = load_pair(
         args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
     )
+    max_draft = resolve_draft_cap(target, drafter, args.max_draft)
     if drafter is not None:
-        check_max_draft(args.max_draft, drafter)  # fail at start, not on every request
+        check_max_draft(max_draft, drafter)  # fail at start, not on every request
     engine = Engine(
         target,
         tokenizer,
         drafter,
         config,
         max_queue=args.max_queue,
-        max_draft=args.max_draft,
+        max_draft=max_draft,
         confidence_threshold=args.confidence_threshold,
     )
     settings = ServerSettings(
