@@ -12,11 +12,14 @@ import mlx.core as mx
 
 from .drafters.base import Drafter
 from .errors import SpecDecError
+from .prefix_cache import PrefixCache, cacheable, fingerprint, take_snapshot
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+# (tokens, round) pieces of a run; a run is started from caches holding `cached` prompt tokens.
+Steps = Iterator[tuple[list[int], Round | None]]
 
 
 @dataclass
@@ -29,6 +32,8 @@ class GenerationResult:
     decode_seconds: float
     finish_reason: str  # "stop" or "length"
     mode: str
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+    prefix_cache: str = "off"  # "hit", "miss", "unsupported" (caches not cuttable) or "off"
 
     @property
     def mean_accept_len(self) -> float:
@@ -44,10 +49,11 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def stats_line(self) -> str:
+        cached = f", {self.cached_tokens} from cache" if self.cached_tokens else ""
         return (
             f"[{self.mode}] {len(self.tokens)} tokens, mean accept length "
             f"{self.mean_accept_len:.2f}, decode {self.tokens_per_sec:.1f} tok/s, prefill "
-            f"{self.prefill_seconds * 1000:.0f} ms ({self.prompt_tokens} prompt tokens)"
+            f"{self.prefill_seconds * 1000:.0f} ms ({self.prompt_tokens} prompt tokens{cached})"
         )
 
 
@@ -59,6 +65,9 @@ class GenerationChunk:
     tokens: list[int]
     round: Round | None = None
     result: GenerationResult | None = field(default=None, repr=False)
+    # How the prefill went: {"prefix_cache": "hit"|"miss"|..., "cached_tokens": N} (empty when
+    # no prefix cache is used); the same on every chunk.
+    cache_info: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def encode_prompt(
@@ -88,10 +97,11 @@ def encode_prompt(
 
 def _stream(
     tokenizer: Any,
-    steps: Iterator[tuple[list[int], Round | None]],
+    steps: Steps,
     prompt_len: int,
     max_new_tokens: int,
     mode: str,
+    cache_info: dict[str, Any],
 ) -> Iterator[GenerationChunk]:
     """Detokenize `(tokens, round)` steps; time prefill (to the first token) and decode."""
     eos = set(tokenizer.eos_token_ids)
@@ -113,7 +123,7 @@ def _stream(
             detok.add_token(t)
         if len(shown) < len(new):
             finish = "stop"
-        yield GenerationChunk(detok.last_segment, shown, rnd)
+        yield GenerationChunk(detok.last_segment, shown, rnd, cache_info=cache_info)
     detok.finalize()
     end = time.perf_counter()
     t_first = t_first or end
@@ -126,8 +136,9 @@ def _stream(
         decode_seconds=end - t_first,
         finish_reason=finish if len(tokens) < max_new_tokens else "length",
         mode=mode,
+        **cache_info,
     )
-    yield GenerationChunk(detok.last_segment, [], None, result)
+    yield GenerationChunk(detok.last_segment, [], None, result, cache_info)
 
 
 def stream_speculative_generate(
@@ -146,9 +157,12 @@ def stream_speculative_generate(
     confidence_threshold: float = 0.0,
     chat: bool = True,
     enable_thinking: bool | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream text pieces as rounds commit them; the last chunk carries the `GenerationResult`.
-    With `drafter=None` this is plain decoding through mlx-lm (the baseline). `max_draft`: None =
+    With `drafter=None` this is plain decoding through mlx-lm (the baseline). With a
+    `prefix_cache`, the longest prompt prefix it holds for this pair is not prefilled again, and
+    the caches of a run that ends normally are kept in it. `max_draft`: None =
     the drafter's full block, N = verify the first N drafts, "auto" = the cap cached for this
     model on this machine, measured once (a few seconds) when none is (`bench.auto_max_draft`)."""
     params = SamplingParams(temperature, top_p, top_k, min_p, seed)
@@ -163,21 +177,75 @@ def stream_speculative_generate(
         from .bench import resolve_max_draft
 
         max_draft = resolve_max_draft(target, drafter, max_draft)
-    if drafter is None:
-        steps = _baseline_steps(target, tokenizer, ids, max_new_tokens, params)
-        return _stream(tokenizer, steps, len(ids), max_new_tokens, "baseline")
-    spec = speculate(
-        target,
-        drafter,
-        ids,
-        max_new_tokens=max_new_tokens,
-        max_draft=max_draft,
-        params=params,
-        eos_ids=set(tokenizer.eos_token_ids),
-        confidence_threshold=confidence_threshold,
-    )
-    steps = ((s.tokens, s.round) for s in spec)
-    return _stream(tokenizer, steps, len(ids), max_new_tokens, drafter.kind)
+    eos = set(tokenizer.eos_token_ids)
+    mode = drafter.kind if drafter else "baseline"
+
+    def run(cache: list[Any] | None, drafter_state: Any, cached: int) -> Steps:
+        if drafter is None:
+            return _baseline_steps(target, ids, max_new_tokens, params, eos, cache, cached)
+        spec = speculate(
+            target,
+            drafter,
+            ids,
+            max_new_tokens=max_new_tokens,
+            max_draft=max_draft,
+            params=params,
+            eos_ids=eos,
+            confidence_threshold=confidence_threshold,
+            cache=cache,
+            drafter_state=drafter_state,
+            cached=cached,
+        )
+        return ((s.tokens, s.round) for s in spec)
+
+    info: dict[str, Any] = {}
+    if prefix_cache is None:
+        steps = run(None, None, 0)
+    else:
+        steps = _reusing_prefix(prefix_cache, target, drafter, ids, run, info)
+    return _stream(tokenizer, steps, len(ids), max_new_tokens, mode, info)
+
+
+def _reusing_prefix(
+    prefix_cache: PrefixCache,
+    target: Target,
+    drafter: Drafter | None,
+    ids: list[int],
+    run: Any,
+    info: dict[str, Any],
+) -> Steps:
+    """`run` from the longest cached prefix of `ids`; when it ends normally, keep the positions
+    both its caches hold. A run that fails drops the entry it started from; one that is closed
+    early (cancelled) keeps nothing, as its caches may hold uncommitted rows."""
+    target_cache = target.make_cache()
+    drafter_state = drafter.new_state() if drafter is not None else []
+    if not (cacheable(target_cache) and cacheable(drafter_state)):
+        info["prefix_cache"] = "unsupported"
+        yield from run(target_cache, drafter_state, 0)
+        return
+    owner = fingerprint(target, drafter)
+    reuse = prefix_cache.fetch(owner, ids)
+    if reuse is not None and (
+        len(reuse.target_cache) != len(target_cache)
+        or len(reuse.drafter_state) != len(drafter_state)
+    ):
+        prefix_cache.drop(reuse.entry)  # not this pair's layout: never reuse it
+        reuse = None
+    if reuse is not None:
+        target_cache, drafter_state = reuse.target_cache, reuse.drafter_state
+    cached = reuse.length if reuse is not None else 0
+    info.update(prefix_cache="hit" if reuse else "miss", cached_tokens=cached)
+    tokens = list(ids)
+    try:
+        for new, rnd in run(target_cache, drafter_state or None, cached):
+            tokens += new
+            yield new, rnd
+    except Exception:
+        if reuse is not None:
+            prefix_cache.drop(reuse.entry)
+        raise
+    held = min(len(tokens), *(c.offset for c in (*target_cache, *drafter_state)))
+    prefix_cache.store(take_snapshot(owner, tokens[:held], target_cache, drafter_state))
 
 
 def speculative_generate(
@@ -190,17 +258,29 @@ def speculative_generate(
 
 
 def _baseline_steps(
-    target: Target, tokenizer: Any, ids: list[int], max_new_tokens: int, params: SamplingParams
-) -> Iterator[tuple[list[int], Round | None]]:
-    """mlx-lm's own `generate_step` on the same target: the official baseline, one token a step."""
+    target: Target,
+    ids: list[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos: set[int],
+    cache: list[Any] | None = None,
+    cached: int = 0,
+) -> Steps:
+    """mlx-lm's own `generate_step` on the same target: the official baseline, one token a step
+    (on top of `cache` holding the first `cached` prompt tokens, if given)."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
-    eos = set(tokenizer.eos_token_ids)
-    gen = generate_step(mx.array(ids), target.model, max_tokens=max_new_tokens, sampler=sampler)
+    gen = generate_step(
+        mx.array(ids[cached:]),
+        target.model,
+        max_tokens=max_new_tokens,
+        sampler=sampler,
+        prompt_cache=cache,
+    )
     for i, (token, _) in enumerate(gen):
         token = int(token)
         yield [token], (None if i == 0 else Round([], 0, [token]))
