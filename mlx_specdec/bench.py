@@ -592,7 +592,7 @@ def run_row(
 ) -> GenerationResult:
     eos = set(tokenizer.eos_token_ids)
     if row.mode == "baseline":
-        steps = _baseline_steps(target, tokenizer, ids, max_new, params)
+        steps = _baseline_steps(target, ids, max_new, params, eos)
     elif row.mode == "draft-model":
         steps = _draft_model_steps(target, draft_lm, ids, max_new, row.cap or 1, params, eos)
     else:
@@ -608,7 +608,7 @@ def run_row(
             eos_ids=eos,
         )
         steps = ((s.tokens, s.round) for s in spec)
-    *_, last = _stream(tokenizer, steps, len(ids), max_new, row.name)
+    *_, last = _stream(tokenizer, steps, len(ids), max_new, row.name, {})
     assert last.result is not None
     return last.result
 
@@ -1324,11 +1324,11 @@ def _run_synthetic_row(
 ) -> GenerationResult:
     tok = _NullTokenizer()
     if drafter is None:
-        steps = _baseline_steps(target, tok, ids, max_new, SamplingParams())
+        steps = _baseline_steps(target, ids, max_new, SamplingParams(), set())
     else:
         spec = speculate(target, drafter, ids, max_new_tokens=max_new, max_draft=cap)
         steps = ((s.tokens, s.round) for s in spec)
-    *_, last = _stream(tok, steps, len(ids), max_new, "synthetic")
+    *_, last = _stream(tok, steps, len(ids), max_new, "synthetic", {})
     assert last.result is not None
     return last.result
 
