@@ -241,8 +241,9 @@ class PrefixCache:
             "n_target": str(entry.n_target),
             "tokens": json.dumps(entry.tokens.tolist()),
         }
-        tmp = path.with_suffix(".tmp")
+        tmp = self.spill_dir / ".partial" / path.name  # out of sight of `_scan` until whole
         try:
+            tmp.parent.mkdir(exist_ok=True)
             mx.save_safetensors(str(tmp), arrays, meta)
             tmp.replace(path)  # never leave a half-written entry under the real name
         except OSError as e:
@@ -272,7 +273,7 @@ class PrefixCache:
             self._disk[key] = (path, tokens, path.stat().st_size)
 
     def _load(self, key: tuple[str, bytes]) -> Entry | None:
-        """Read a spilled entry back into RAM; a file that fails to load is dropped, with a
+        """Read a spilled entry back into RAM; a file that fails to load is deleted, with a
         warning."""
         path, tokens, _ = self._disk[key]
         try:
@@ -289,8 +290,9 @@ class PrefixCache:
             entry = Entry(key[0], tokens, tuple(layers), n_target)
             mx.eval(entry.layers)
         except Exception as e:  # noqa: BLE001 - a bad file must never take the server down
-            log.warning("prefix cache: ignoring %s (%s)", path, e)
+            log.warning("prefix cache: ignoring %s (%s); deleted it", path, e)
             self._disk.pop(key, None)
+            path.unlink(missing_ok=True)  # our own entry file (its header said so), now useless
             return None
         self.counts["loaded"] += 1
         self._disk.move_to_end(key)

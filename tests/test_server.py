@@ -425,3 +425,88 @@ def test_stop_filter_across_pieces(step):
     f = StopFilter(["zz"])
     out = "".join(f.feed(c) for c in ["a", "z", "b", "z"]) + f.flush()
     assert out == "azbz" and not f.hit
+
+
+# ------------------------------------------------------------------------------ prefix cache
+SHARED = [{"role": "system", "content": "You count numbers and letters. " * 12}]
+
+
+def test_follow_up_turn_is_served_from_the_prefix_cache(client, pair):
+    first = SHARED + [{"role": "user", "content": "The 7th?"}]
+    r1 = client.chat.completions.create(
+        model="any", messages=first, max_tokens=12, extra_body=NO_THINK
+    )
+    follow = first + [
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "And the 8th?"},
+    ]
+    r2 = client.chat.completions.create(
+        model="any", messages=follow, max_tokens=12, extra_body=NO_THINK
+    )
+    cold = _generate(pair, follow, max_new_tokens=12, enable_thinking=False)
+    assert r2.choices[0].message.content == cold.text
+    x = r2.model_extra["x_specdec"]
+    assert x["prefix_cache"] == "hit" and x["cached_prompt_tokens"] > 100
+    assert r2.usage.prompt_tokens_details.cached_tokens == x["cached_prompt_tokens"]
+    assert x["cached_prompt_tokens"] < r2.usage.prompt_tokens == cold.prompt_tokens
+
+
+def test_prefix_cache_metrics(server):
+    assert _metric(server, "specdec_prefix_cache_lookups_total", '{outcome="hit"}') >= 1
+    assert _metric(server, "specdec_cached_prompt_tokens_total") > 100
+    assert _metric(server, "specdec_prefix_cache_bytes", '{tier="ram"}') > 0
+
+
+def test_concurrent_requests_sharing_a_prefix_and_spill(tmp_path, pair):
+    """Four clients at once, one shared system prompt, a RAM tier of about one entry spilling to
+    a folder: every answer equals a cold run, the later ones reuse the shared prefix."""
+    proc, base = _start("--prefix-cache-max-ram-mb", "0.6", "--prefix-cache-dir", str(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+        questions = [f"Count to {n}." for n in range(4)]
+        results: dict[int, object] = {}
+
+        def ask(i: int) -> None:
+            messages = SHARED + [{"role": "user", "content": questions[i]}]
+            results[i] = client.chat.completions.create(
+                model="any", messages=messages, max_tokens=10, extra_body=NO_THINK
+            )
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        cached = []
+        for i, q in enumerate(questions):
+            messages = SHARED + [{"role": "user", "content": q}]
+            cold = _generate(pair, messages, max_new_tokens=10, enable_thinking=False)
+            # (the server holds back a trailing incomplete UTF-8 character, so strip its mark)
+            assert results[i].choices[0].message.content == cold.text.rstrip("\ufffd")
+            cached.append(results[i].model_extra["x_specdec"]["cached_prompt_tokens"])
+        assert sorted(cached)[0] == 0 and all(c > 50 for c in sorted(cached)[1:])
+        assert list(tmp_path.glob("*.safetensors")), "evicted entries were not spilled"
+    finally:
+        assert _stop(proc)
+
+
+def test_prefix_cache_off_and_bad_flags(tmp_path):
+    proc, base = _start("--no-prefix-cache")
+    try:
+        r = httpx.post(
+            f"{base}/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 3}
+        ).json()
+        assert r["x_specdec"]["prefix_cache"] == "off"
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        assert _stop(proc)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for flags, message in [
+        (["--prefix-cache-max-ram-mb", "-1"], "must be >= 0"),
+        (["--prefix-cache-dir", str(blocker / "sub")], "--prefix-cache-dir"),
+    ]:
+        cmd = [sys.executable, "-m", "mlx_specdec", "serve", "--model", str(PAIR / "target")]
+        out = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and message in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr

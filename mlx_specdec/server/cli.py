@@ -44,6 +44,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow browser pages from this origin (repeatable; none by default)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cache = p.add_argument_group("prefix cache (reuse the KV of conversations' shared prefixes)")
+    cache.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt anew")
+    cache.add_argument(
+        "--prefix-cache-max-ram-mb",
+        type=float,
+        default=2048,
+        help="RAM kept for cached prefixes, MiB (default 2048); the least recently used go first",
+    )
+    cache.add_argument(
+        "--prefix-cache-dir", help="spill entries evicted from RAM to this folder (safetensors)"
+    )
+    cache.add_argument(
+        "--prefix-cache-max-disk-mb",
+        type=float,
+        default=16384,
+        help="disk kept in --prefix-cache-dir, MiB (default 16384); the oldest files go first",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.confidence_threshold < 1:
         raise SpecDecError("--confidence-threshold must be in [0, 1)")
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
+    prefix_cache = None  # built first: a bad folder or size fails before the model loads
+    if not args.no_prefix_cache:
+        from ..prefix_cache import PrefixCache
+
+        prefix_cache = PrefixCache(
+            args.prefix_cache_max_ram_mb, args.prefix_cache_dir, args.prefix_cache_max_disk_mb
+        )
     target, tokenizer, drafter, config = load_pair(
         args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
     )
@@ -82,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_draft=max_draft,
         confidence_threshold=args.confidence_threshold,
+        prefix_cache=prefix_cache,
     )
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
