@@ -12,6 +12,7 @@ from .errors import SpecDecError
 # Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
 EXTERNAL_COMMANDS: dict[str, str] = {
     "bench": "mlx_specdec.bench",
+    "bench-prefix": "mlx_specdec.bench_prefix",
     "serve": "mlx_specdec.server.cli",
     "train-drafter": "mlx_specdec.train",
 }
