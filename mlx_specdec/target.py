@@ -78,6 +78,12 @@ class Target:
         return int(self.embed_tokens.weight.shape[0])
 
     @property
+    def max_context(self) -> int | None:
+        """The context length the model was made for (None when its config does not say)."""
+        n = self._text_config.get("max_position_embeddings")
+        return int(n) if n else None
+
+    @property
     def model_type(self) -> str:
         return str(self._text_config.get("model_type", self.config.get("model_type", "")))
 

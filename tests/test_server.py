@@ -261,6 +261,8 @@ def test_bad_input_gives_openai_errors(server, client):
         client.completions.create(model="any", prompt="x", temperature=-1)
     with pytest.raises(openai.BadRequestError, match="token ids"):
         client.completions.create(model="any", prompt=[1, 10**6])
+    with pytest.raises(openai.BadRequestError, match="beyond this model's context of 2048"):
+        client.completions.create(model="any", prompt=[5] * 2048, max_tokens=1)
     auth = {"x-api-key": KEY, "content-type": "application/json"}
     url = f"{server}/v1/chat/completions"
     for body, status in [

@@ -177,6 +177,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return opts
 
     def submit(ids: list[int], opts: dict[str, Any], endpoint: str) -> Job:
+        context = engine.target.max_context
+        if context and len(ids) >= context:
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens, beyond this model's context of {context} "
+                "tokens; shorten the conversation",
+            )
         try:
             job = engine.submit(ids, opts)
         except EngineBusy as e:
