@@ -1,9 +1,11 @@
-"""Running the verify loop on a conformance fixture and comparing it with the reference trace
-(shared by the DFlash and EAGLE3 tests)."""
+"""Running the verify loop on a conformance fixture and comparing it with the reference trace,
+and damaged copies of a fixture's drafter (shared by the DFlash, EAGLE3 and Gemma-4 tests)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,3 +64,23 @@ def check_distributions(
     q = probs(logits, params)
     assert mx.allclose(q.sum(axis=-1), mx.ones(q.shape[0]), atol=1e-5)
     assert 0.5 * mx.abs(q - reference["q"]).sum(axis=-1).max().item() < 0.15
+
+
+def broken_drafter(
+    fixture: Path,
+    tmp_path: Path,
+    config_change: Callable[[dict], None] | None = None,
+    drop_tensor: str | None = None,
+) -> str:
+    """A copy of the fixture's drafter with its config edited or one tensor removed."""
+    path = tmp_path / "drafter"
+    shutil.copytree(fixture / "drafter", path)
+    if config_change:
+        config = json.loads((path / "config.json").read_text())
+        config_change(config)
+        (path / "config.json").write_text(json.dumps(config))
+    if drop_tensor:
+        weights = mx.load(str(path / "model.safetensors"))
+        del weights[drop_tensor]
+        mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return str(path)

@@ -7,12 +7,18 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 
 import mlx.core as mx
 import pytest
 from conftest import FIXTURES, greedy_reference
-from fixture_trace import check_distributions, check_trace, load_reference, max_diff, run
+from fixture_trace import (
+    broken_drafter,
+    check_distributions,
+    check_trace,
+    load_reference,
+    max_diff,
+    run,
+)
 
 from mlx_specdec import SpecDecError, load_pair
 from mlx_specdec.drafters import dflash
@@ -213,20 +219,6 @@ def test_input_embedding_scale_multiplies_the_embedded_block():
 
 
 # ------------------------------------------------------------------ bad checkpoints
-def broken_drafter(tmp_path, config_change=None, drop_tensor=None):
-    path = tmp_path / "drafter"
-    shutil.copytree(FIXTURE / "drafter", path)
-    if config_change:
-        config = json.loads((path / "config.json").read_text())
-        config_change(config)
-        (path / "config.json").write_text(json.dumps(config))
-    if drop_tensor:
-        weights = mx.load(str(path / "model.safetensors"))
-        del weights[drop_tensor]
-        mx.save_safetensors(str(path / "model.safetensors"), weights)
-    return str(path)
-
-
 def _hidden(c):
     c["hidden_size"] = 32
 
@@ -264,7 +256,7 @@ def _sliding_no_window(c):
     ],
 )
 def test_bad_checkpoints_are_refused(tmp_path, change, drop, message):
-    drafter = broken_drafter(tmp_path, change, drop)
+    drafter = broken_drafter(FIXTURE, tmp_path, change, drop)
     with pytest.raises(SpecDecError, match=message):
         load_pair(str(FIXTURE / "target"), drafter, mode="dflash", drafter_bits=16)
 

@@ -4,14 +4,19 @@ bad checkpoints."""
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 
 import mlx.core as mx
 import pytest
 from conftest import FIXTURES, greedy_reference
-from fixture_trace import check_distributions, check_trace, load_reference, max_diff, run
+from fixture_trace import (
+    broken_drafter,
+    check_distributions,
+    check_trace,
+    load_reference,
+    max_diff,
+    run,
+)
 
 from mlx_specdec import SpecDecError, load_pair
 from mlx_specdec.sampling import SamplingParams
@@ -145,20 +150,6 @@ def test_matches_mlx_lm_greedy_for_every_cap(pair):
 
 
 # ------------------------------------------------------------------ bad checkpoints
-def broken_drafter(tmp_path, config_change=None, drop_tensor=None):
-    path = tmp_path / "drafter"
-    shutil.copytree(FIXTURE / "drafter", path)
-    if config_change:
-        config = json.loads((path / "config.json").read_text())
-        config_change(config)
-        (path / "config.json").write_text(json.dumps(config))
-    if drop_tensor:
-        weights = mx.load(str(path / "model.safetensors"))
-        del weights[drop_tensor]
-        mx.save_safetensors(str(path / "model.safetensors"), weights)
-    return str(path)
-
-
 def _hidden(c):
     c["hidden_size"] = 32
 
@@ -186,7 +177,7 @@ def _tap_last_layer(c):
     ],
 )
 def test_bad_checkpoints_are_refused(tmp_path, change, drop, message):
-    drafter = broken_drafter(tmp_path, change, drop)
+    drafter = broken_drafter(FIXTURE, tmp_path, change, drop)
     with pytest.raises(SpecDecError, match=message):
         load_pair(str(FIXTURE / "target"), drafter, mode="eagle3", drafter_bits=16)
 

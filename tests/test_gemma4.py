@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES, greedy_reference, write_dspark, write_target
+from fixture_trace import run
 
-from mlx_specdec import SpecDecError, load_pair, speculate
+from mlx_specdec import SpecDecError, load_pair
 from mlx_specdec.drafters.base import Proposal
 from mlx_specdec.drafters.dspark import build
 from mlx_specdec.drafters.layers import AttentionShape, make_rope
@@ -44,15 +45,6 @@ def fp32_drafter():
     model.load_weights(list(mx.load(str(FIXTURE / "drafter" / "model.safetensors")).items()))
     model.set_dtype(mx.float32)
     return model
-
-
-def run(target, drafter, prompt, max_new, eos=(), **kw) -> tuple[list[int], list]:
-    tokens, rounds = [], []
-    for step in speculate(target, drafter, prompt, max_new_tokens=max_new, eos_ids=set(eos), **kw):
-        tokens += step.tokens
-        if step.round is not None:
-            rounds.append(step.round)
-    return tokens, rounds
 
 
 def f32(x: mx.array) -> np.ndarray:
