@@ -146,9 +146,18 @@ def test_chi2_pvalue_is_calibrated():
 # ----------------------------------------------------------------------------- tiny models
 def tiny_target(seed: int = 0) -> Target:
     config = dict(
-        model_type="qwen3", hidden_size=32, num_hidden_layers=3, intermediate_size=64,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6,
-        vocab_size=V, max_position_embeddings=256, rope_theta=1e4, tie_word_embeddings=False,
+        model_type="qwen3",
+        hidden_size=32,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        vocab_size=V,
+        max_position_embeddings=256,
+        rope_theta=1e4,
+        tie_word_embeddings=False,
     )
     mx.random.seed(seed)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
@@ -161,10 +170,16 @@ def tiny_target(seed: int = 0) -> Target:
 def tiny_dspark(target: Target, markov_rank: int, seed: int) -> DSparkDrafter:
     config = dict(
         target.config,
-        architectures=["Qwen3DSparkModel"], num_hidden_layers=1, num_target_layers=3,
-        block_size=BLOCK, mask_token_id=V - 1, target_layer_ids=[0, 1],
-        markov_rank=markov_rank, markov_head_type="vanilla",
-        enable_confidence_head=True, confidence_head_with_markov=bool(markov_rank),
+        architectures=["Qwen3DSparkModel"],
+        num_hidden_layers=1,
+        num_target_layers=3,
+        block_size=BLOCK,
+        mask_token_id=V - 1,
+        target_layer_ids=[0, 1],
+        markov_rank=markov_rank,
+        markov_head_type="vanilla",
+        enable_confidence_head=True,
+        confidence_head_with_markov=bool(markov_rank),
     )
     mx.random.seed(seed)
     drafter = build_dspark(config, "tiny dspark")
@@ -181,8 +196,12 @@ def tiny_dspark(target: Target, markov_rank: int, seed: int) -> DSparkDrafter:
 
 def tiny_dflash(target: Target, seed: int) -> DFlashDrafter:
     config = dict(
-        target.config, architectures=["DFlashDraftModel"], num_hidden_layers=1,
-        block_size=BLOCK + 1, mask_token_id=V - 1, target_layer_ids=[0, 1],
+        target.config,
+        architectures=["DFlashDraftModel"],
+        num_hidden_layers=1,
+        block_size=BLOCK + 1,
+        mask_token_id=V - 1,
+        target_layer_ids=[0, 1],
     )
     mx.random.seed(seed)
     drafter = build_dflash(config, "tiny dflash")
@@ -194,8 +213,11 @@ def tiny_dflash(target: Target, seed: int) -> DFlashDrafter:
 
 def tiny_eagle3(target: Target, seed: int) -> Eagle3Drafter:
     config = dict(
-        target.config, architectures=["Qwen3Eagle3Model"], num_hidden_layers=1,
-        target_layer_ids=[0, 1], ttt_length=BLOCK,
+        target.config,
+        architectures=["Qwen3Eagle3Model"],
+        num_hidden_layers=1,
+        target_layer_ids=[0, 1],
+        ttt_length=BLOCK,
     )
     mx.random.seed(seed)
     drafter = build_eagle3(config, "tiny eagle3")
@@ -289,8 +311,13 @@ BROKEN: dict[str, VerifyFn] = {
 
 
 def round_counts(
-    target: Target, prompt: list[int], params: SamplingParams, n: int, rows: int,
-    verify_fn: VerifyFn = verify, seed: int = 0,
+    target: Target,
+    prompt: list[int],
+    params: SamplingParams,
+    n: int,
+    rows: int,
+    verify_fn: VerifyFn = verify,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One round of `n` drafts from the prompt, for `rows` independent rows, each completed by
     plain target sampling: counts of the first LAW_LEN tokens, and of the accepted lengths."""
@@ -368,7 +395,11 @@ DRAFT_SAMPLES = 800
 
 
 def drafts_pvalues(
-    target: Target, drafter: Drafter, params: SamplingParams, samples: int, seed: int = 0,
+    target: Target,
+    drafter: Drafter,
+    params: SamplingParams,
+    samples: int,
+    seed: int = 0,
     wrap: Callable[[Proposal], Proposal] | None = None,
 ) -> list[float]:
     """Per slot k, a chi-square of the counts of (draft k-1, draft k) against the sum of the
@@ -418,8 +449,15 @@ def test_drafter_check_rejects_a_misreported_q(pair):
 
 # ----------------------------------------------------------------------------- the real loop
 def loop_pvalue(
-    target: Target, drafter: Drafter, params: SamplingParams, *, tokens: int, runs: int = 20,
-    max_draft: int | None = None, confidence_threshold: float = 0.0, seed: int = 0,
+    target: Target,
+    drafter: Drafter,
+    params: SamplingParams,
+    *,
+    tokens: int,
+    runs: int = 20,
+    max_draft: int | None = None,
+    confidence_threshold: float = 0.0,
+    seed: int = 0,
 ) -> tuple[float, list[Round]]:
     """`runs` real `speculate` runs (random prompts, `tokens` in all), checked token by token.
 
@@ -437,8 +475,13 @@ def loop_pvalue(
         prompt = rng.integers(0, V, rng.integers(1, 5)).tolist()
         out: list[int] = []
         for step in speculate(
-            target, drafter, prompt, max_new_tokens=tokens // runs, max_draft=max_draft,
-            params=params, confidence_threshold=confidence_threshold,
+            target,
+            drafter,
+            prompt,
+            max_new_tokens=tokens // runs,
+            max_draft=max_draft,
+            params=params,
+            confidence_threshold=confidence_threshold,
         ):
             out += step.tokens
             rounds += [step.round] if step.round is not None else []
@@ -455,13 +498,15 @@ def loop_pvalue(
 LOOP_TOKENS = 1_000  # a broken verify gives p < 1e-9 here
 
 
-@pytest.mark.parametrize(
-    "setting,max_draft,confidence", [("t0.8-all", None, 0.5), ("t1", 2, 0.0)]
-)
+@pytest.mark.parametrize("setting,max_draft,confidence", [("t0.8-all", None, 0.5), ("t1", 2, 0.0)])
 def test_real_loop_follows_the_target_law(pair, setting, max_draft, confidence):
     target, drafter = pair
     pvalue, rounds = loop_pvalue(
-        target, drafter, SETTINGS[setting], tokens=LOOP_TOKENS, max_draft=max_draft,
+        target,
+        drafter,
+        SETTINGS[setting],
+        tokens=LOOP_TOKENS,
+        max_draft=max_draft,
         confidence_threshold=confidence,
     )
     assert pvalue > ALPHA, f"p-value {pvalue:.2e}"
@@ -586,8 +631,11 @@ def test_temperature_zero_is_exactly_greedy(fixture_pair):
     want = [int(t) for t, _ in generate_step(mx.array(prompt), target.model, max_tokens=32)]
     for temperature in (0.0, 1e-6):  # below GREEDY_TEMPERATURE is greedy too
         params = SamplingParams(temperature, top_p=0.5, top_k=3, seed=1)  # filters can't matter
-        got = [t for s in speculate(target, drafter, prompt, max_new_tokens=32, params=params)
-               for t in s.tokens]
+        got = [
+            t
+            for s in speculate(target, drafter, prompt, max_new_tokens=32, params=params)
+            for t in s.tokens
+        ]
         assert got == want, temperature
     assert int(sample(mx.array([[0.1, 2.0, 0.3]]), SamplingParams())[0]) == 1
 
@@ -595,9 +643,16 @@ def test_temperature_zero_is_exactly_greedy(fixture_pair):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
-        dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(top_k=2.5), dict(top_k=True),
-        dict(min_p=-0.1), dict(min_p=1.0),
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(temperature=float("inf")),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(top_k=2.5),
+        dict(top_k=True),
+        dict(min_p=-0.1),
+        dict(min_p=1.0),
     ],
 )
 def test_bad_sampling_settings_raise(kwargs, fixture_pair):
