@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .drafters.base import Drafter
 from .errors import SpecDecError
-from .prefix_cache import PrefixCache, cacheable, fingerprint, take_snapshot
+from .prefix_cache import PrefixCache, cacheable, fingerprint, restore, take_snapshot
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
@@ -217,32 +217,32 @@ def _reusing_prefix(
     """`run` from the longest cached prefix of `ids`; when it ends normally, keep the positions
     both its caches hold. A run that fails drops the entry it started from; one that is closed
     early (cancelled) keeps nothing, as its caches may hold uncommitted rows."""
-    target_cache = target.make_cache()
+    # Plain decoding is mlx-lm's own step: one-row attention, which padding would only slow.
+    target_cache = target.make_cache(padded=False if drafter is None else None)
     drafter_state = drafter.new_state() if drafter is not None else []
     if not (cacheable(target_cache) and cacheable(drafter_state)):
         info["prefix_cache"] = "unsupported"
         yield from run(target_cache, drafter_state, 0)
         return
     owner = fingerprint(target, drafter)
-    reuse = prefix_cache.fetch(owner, ids)
-    if reuse is not None and (
-        len(reuse.target_cache) != len(target_cache)
-        or len(reuse.drafter_state) != len(drafter_state)
-    ):
-        prefix_cache.drop(reuse.entry)  # not this pair's layout: never reuse it
-        reuse = None
-    if reuse is not None:
-        target_cache, drafter_state = reuse.target_cache, reuse.drafter_state
-    cached = reuse.length if reuse is not None else 0
-    info.update(prefix_cache="hit" if reuse else "miss", cached_tokens=cached)
+    found = prefix_cache.fetch(owner, ids)
+    cached = 0
+    if found is not None:
+        try:
+            restore(found[0], found[1], [*target_cache, *drafter_state])
+            cached = found[1]
+        except SpecDecError:  # not this pair's layout: never reuse it
+            prefix_cache.drop(found[0])
+            found = None
+    info.update(prefix_cache="hit" if found else "miss", cached_tokens=cached)
     tokens = list(ids)
     try:
         for new, rnd in run(target_cache, drafter_state or None, cached):
             tokens += new
             yield new, rnd
     except Exception:
-        if reuse is not None:
-            prefix_cache.drop(reuse.entry)
+        if found is not None:
+            prefix_cache.drop(found[0])
         raise
     held = min(len(tokens), *(c.offset for c in (*target_cache, *drafter_state)))
     prefix_cache.store(take_snapshot(owner, tokens[:held], target_cache, drafter_state))

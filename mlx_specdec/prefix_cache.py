@@ -3,8 +3,8 @@ conversations, and start a new request from the longest token prefix it shares w
 
 Every cache the loop keeps (the target's layers, the drafter's context layers) is a KV cache
 whose rows are token positions, so an entry is one list of (keys, values) arrays cut to the
-same length and the tokens they hold. Entries are immutable copies: a request gets fresh
-`KVCache` objects over slices of them, so an entry stays valid whatever that request does.
+same length and the tokens they hold. Entries are immutable copies: a request fills its own
+fresh caches with slices of them, so an entry stays valid whatever that request does.
 
 RAM holds an LRU bounded in bytes. With a folder, evicted entries are written there as
 safetensors files (one per entry, the tokens in the header) and read back when a later request
@@ -31,6 +31,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .errors import SpecDecError
+from .target import PaddedKVCache
 
 log = logging.getLogger("mlx_specdec.prefix_cache")
 
@@ -55,19 +56,9 @@ class Entry:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
 
-@dataclass
-class Reuse:
-    """What a request starts from: fresh caches holding the first `length` prompt tokens."""
-
-    target_cache: list[KVCache]
-    drafter_state: list[KVCache]
-    length: int
-    entry: Entry
-
-
 def cacheable(caches: Sequence[Any]) -> bool:
     """Only plain KV caches can be cut to an arbitrary prefix (not quantized or rotating ones)."""
-    return all(type(c) is KVCache for c in caches)
+    return all(type(c) in (KVCache, PaddedKVCache) for c in caches)
 
 
 def fingerprint(target: Any, drafter: Any) -> str:
@@ -108,14 +99,14 @@ def take_snapshot(
     return Entry(owner, np.asarray(tokens, dtype=np.int64), tuple(layers), len(target_cache))
 
 
-def _restore(entry: Entry, length: int) -> tuple[list[KVCache], list[KVCache]]:
-    caches = []
-    for k, v in entry.layers:
-        c = KVCache()
+def restore(entry: Entry, length: int, caches: Sequence[KVCache]) -> None:
+    """Fill empty caches (target layers then drafter layers) with the entry's first `length`
+    positions."""
+    if len(caches) != len(entry.layers):
+        raise SpecDecError(f"the entry has {len(entry.layers)} layers, not {len(caches)}")
+    for c, (k, v) in zip(caches, entry.layers):
         # Slices are new array objects: the cache's in-place writes never reach the entry.
         c.keys, c.values, c.offset = k[..., :length, :], v[..., :length, :], length
-        caches.append(c)
-    return caches[: entry.n_target], caches[entry.n_target :]
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -156,9 +147,10 @@ class PrefixCache:
             self._scan()
 
     # ------------------------------------------------------------------------------ lookup
-    def fetch(self, owner: str, tokens: Sequence[int]) -> Reuse | None:
-        """Fresh caches for the longest cached prefix of `tokens`, leaving at least one token to
-        process (its logits start generation); None when nothing useful is cached."""
+    def fetch(self, owner: str, tokens: Sequence[int]) -> tuple[Entry, int] | None:
+        """The entry holding the longest prefix of `tokens`, and how many of its positions to
+        use: at most all but the last token, whose logits start generation. None when nothing
+        useful is cached."""
         want = np.asarray(tokens, dtype=np.int64)
         with self._lock:
             best, best_len, on_disk = None, 0, False
@@ -179,8 +171,7 @@ class PrefixCache:
             self._ram.move_to_end(entry.key)
             self.counts["hits"] += 1
             self.counts["reused_tokens"] += length
-        target_cache, drafter_state = _restore(entry, length)
-        return Reuse(target_cache, drafter_state, length, entry)
+        return entry, length
 
     # ------------------------------------------------------------------------------ update
     def store(self, entry: Entry) -> None:

@@ -221,7 +221,7 @@ def test_caches_that_cannot_be_cut_fall_back_to_a_fresh_prefill():
     """Rotating (sliding-window) caches cannot in general be cut back to any prefix: no reuse,
     and the stats say so. (Here the window is never filled, so the run itself stays exact.)"""
     target, tokenizer, drafter = load("dspark")
-    target.make_cache = lambda: [RotatingKVCache(max_size=4096) for _ in target.layers]
+    target.make_cache = lambda **_: [RotatingKVCache(max_size=4096) for _ in target.layers]
     cache = PrefixCache()
     ids = encode_prompt(tokenizer, HISTORY, chat=False)
     want = speculative_generate(target, tokenizer, drafter, ids, max_new_tokens=8).tokens
