@@ -44,8 +44,18 @@ def _tapped_class(base: type) -> type:
     return _TAPPED_CLASSES[base]
 
 
-def _on_cuda() -> bool:
+def padded_by_default() -> bool:
+    """Padded attention where it pays (MLX's CUDA backend); MLX_SPECDEC_PADDED_ATTENTION=0/1
+    overrides."""
+    env = os.environ.get("MLX_SPECDEC_PADDED_ATTENTION")
+    if env in ("0", "1"):
+        return env == "1"
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def kv_cache(padded: bool | None = None) -> KVCache:
+    """A fresh KV cache: a `PaddedKVCache` if `padded` (default: `padded_by_default()`)."""
+    return PaddedKVCache() if (padded_by_default() if padded is None else padded) else KVCache()
 
 
 class PaddedKVCache(KVCache):
@@ -106,10 +116,7 @@ class Target:
         self.num_layers = len(self.layers)
         self._sink = _TapSink()
         self.tap_ids: tuple[int, ...] = ()
-        # Verify attention over the padded KV buffer (see PaddedKVCache): on by default where
-        # it pays, MLX's CUDA backend; MLX_SPECDEC_PADDED_ATTENTION=0/1 overrides.
-        env = os.environ.get("MLX_SPECDEC_PADDED_ATTENTION")
-        self.padded_attention = env == "1" if env in ("0", "1") else _on_cuda()
+        self.padded_attention = padded_by_default()  # verify over padded KV (PaddedKVCache)
         self._check_head()
 
     # ----------------------------------------------------------------------------- structure
