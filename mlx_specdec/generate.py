@@ -217,7 +217,8 @@ def _reusing_prefix(
     """`run` from the longest cached prefix of `ids`; when it ends normally, keep the positions
     both its caches hold. A run that fails drops the entry it started from; one that is closed
     early (cancelled) keeps nothing, as its caches may hold uncommitted rows."""
-    target_cache = target.make_cache()
+    # Plain decoding is mlx-lm's own step: one-row attention, which padding would only slow.
+    target_cache = target.make_cache(padded=False if drafter is None else None)
     drafter_state = drafter.new_state() if drafter is not None else []
     if not (cacheable(target_cache) and cacheable(drafter_state)):
         info["prefix_cache"] = "unsupported"

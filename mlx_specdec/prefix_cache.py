@@ -31,6 +31,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .errors import SpecDecError
+from .target import PaddedKVCache
 
 log = logging.getLogger("mlx_specdec.prefix_cache")
 
@@ -57,7 +58,7 @@ class Entry:
 
 def cacheable(caches: Sequence[Any]) -> bool:
     """Only plain KV caches can be cut to an arbitrary prefix (not quantized or rotating ones)."""
-    return all(type(c) is KVCache for c in caches)
+    return all(type(c) in (KVCache, PaddedKVCache) for c in caches)
 
 
 def fingerprint(target: Any, drafter: Any) -> str:

@@ -8,6 +8,7 @@ layers for a subclass that records its output, so parameter names, quantization 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,64 @@ def _tapped_class(base: type) -> type:
     return _TAPPED_CLASSES[base]
 
 
+def padded_by_default() -> bool:
+    """Padded attention where it pays (MLX's CUDA backend); MLX_SPECDEC_PADDED_ATTENTION=0/1
+    overrides."""
+    env = os.environ.get("MLX_SPECDEC_PADDED_ATTENTION")
+    if env in ("0", "1"):
+        return env == "1"
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def kv_cache(padded: bool | None = None) -> KVCache:
+    """A fresh KV cache: a `PaddedKVCache` if `padded` (default: `padded_by_default()`)."""
+    return PaddedKVCache() if (padded_by_default() if padded is None else padded) else KVCache()
+
+
+class PaddedKVCache(KVCache):
+    """A KV cache whose attention sees the whole allocated buffer (a multiple of `step` rows),
+    with an explicit mask hiding the rows past the offset.
+
+    Why: MLX's CUDA backend runs multi-token attention through cuDNN and builds (slowly) one
+    cuDNN graph per distinct key length. Verify rounds advance the context by a different
+    amount each round, so with exact-length keys nearly every round pays a graph build; with
+    the padded buffer the shapes repeat until the buffer grows. The masked rows add exact zeros.
+    """
+
+    def _capacity(self, n: int) -> int:
+        have = 0 if self.keys is None else self.keys.shape[2]
+        need = -(-(self.offset + n) // self.step) * self.step
+        return max(have, need)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        cap = self._capacity(n)
+        if self.keys is None or cap > self.keys.shape[2]:
+            grow = cap - (0 if self.keys is None else self.keys.shape[2])
+            b, h, _, dk = keys.shape
+            new_k = mx.zeros((b, h, grow, dk), keys.dtype)
+            new_v = mx.zeros((b, h, grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys, new_k], axis=2)
+                self.values = mx.concatenate([self.values, new_v], axis=2)
+        self.keys[..., self.offset : self.offset + n, :] = keys
+        self.values[..., self.offset : self.offset + n, :] = values
+        self.offset += n
+        return self.keys, self.values
+
+    def make_mask(
+        self, N: int, return_array: bool = False, window_size: int | None = None
+    ) -> mx.array:
+        query = self.offset + mx.arange(N)[:, None]
+        key = mx.arange(self._capacity(N))[None]
+        visible = key <= query
+        if window_size is not None:
+            visible = visible & (key > query - window_size)
+        return visible
+
+
 class Target:
     """An mlx-lm causal LM seen as `ids -> (logits, taps)` with a rollback-able cache."""
 
@@ -57,6 +116,7 @@ class Target:
         self.num_layers = len(self.layers)
         self._sink = _TapSink()
         self.tap_ids: tuple[int, ...] = ()
+        self.padded_attention = padded_by_default()  # verify over padded KV (PaddedKVCache)
         self._check_head()
 
     # ----------------------------------------------------------------------------- structure
@@ -183,18 +243,22 @@ class Target:
         return logits[-1], (mx.concatenate(taps, axis=0) if taps else None)
 
     # ----------------------------------------------------------------------------- cache
-    def make_cache(self) -> list[Any]:
+    def make_cache(self, padded: bool | None = None) -> list[Any]:
         """A cache every layer of which can be rolled back exactly.
 
         Sliding-window layers get a plain `KVCache` instead of mlx-lm's `RotatingKVCache`: the
         rotating buffer cannot be trimmed once full, which silently corrupts speculation. The
         attention masks still honour the window; the cost is keeping the whole context for
-        those layers (O(context) memory instead of O(window)).
+        those layers (O(context) memory instead of O(window)). `padded` (default: the
+        target's `padded_attention`) gives every layer a `PaddedKVCache` instead.
         """
         cache = make_prompt_cache(self.model)
+        padded = self.padded_attention if padded is None else padded
         out = []
         for c in cache:
-            if isinstance(c, RotatingKVCache):
+            if type(c) in (KVCache, RotatingKVCache) and padded:
+                c = PaddedKVCache()
+            elif isinstance(c, RotatingKVCache):
                 c = KVCache()
             if not isinstance(c, KVCache | QuantizedKVCache):
                 raise SpecDecError(

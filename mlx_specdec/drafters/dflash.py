@@ -24,7 +24,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import SpecDecError
 from ..sampling import SamplingParams
-from ..target import Target
+from ..target import Target, kv_cache
 from .base import Proposal
 from .layers import (
     BACKBONE_KEYS,
@@ -162,7 +162,7 @@ class DFlashDrafter(nn.Module):
         return ["embed_tokens", "lm_head"]
 
     def new_state(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+        return [kv_cache() for _ in self.layers]
 
     def _bound(self) -> Target:
         if self._target is None:

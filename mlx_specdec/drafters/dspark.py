@@ -12,6 +12,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..errors import SpecDecError
 from ..sampling import SamplingParams
+from ..target import kv_cache
 from .base import Proposal
 from .layers import (
     BACKBONE_KEYS,
@@ -138,7 +139,7 @@ class DSparkDrafter(TargetCopies, nn.Module):
             self._logit_softcap = config.logit_softcap
 
     def new_state(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+        return [kv_cache() for _ in self.layers]
 
     def backbone(
         self, block: mx.array, context: mx.array | None, caches: list[KVCache]

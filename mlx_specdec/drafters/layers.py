@@ -15,6 +15,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import SpecDecError
 from ..sampling import SamplingParams, draw, probs
+from ..target import PaddedKVCache
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,18 @@ class AttentionShape:
 def _heads(x: mx.array, n: int, d: int) -> mx.array:
     """[1, T, n*d] -> [1, n, T, d]."""
     return x.reshape(1, x.shape[1], n, d).transpose(0, 2, 1, 3)
+
+
+def _hide_padding(mask: mx.array | None, valid: int, capacity: int, rows: int) -> mx.array:
+    """A [rows, valid + rows] block mask (None: all visible) over keys [context ; block],
+    re-laid over [padded context buffer of `capacity` rows ; block], hiding rows >= valid."""
+    hidden = mx.zeros((rows, capacity - valid), mx.bool_)
+    if mask is None:
+        seen = mx.ones((rows, valid), mx.bool_)
+        block = mx.ones((rows, rows), mx.bool_)
+    else:
+        seen, block = mask[:, :valid], mask[:, valid:]
+    return mx.concatenate([seen, hidden, block], axis=1)
 
 
 class InjectedAttention(nn.Module):
@@ -77,10 +90,13 @@ class InjectedAttention(nn.Module):
     def __call__(
         self, x: mx.array, context: mx.array | None, cache: KVCache, mask: Any = None
     ) -> mx.array:
+        padded = isinstance(cache, PaddedKVCache)  # keys: the whole buffer, see PaddedKVCache
         if context is not None and context.shape[1]:
             ctx_k, ctx_v = cache.update_and_fetch(*self.keys_values(context, cache.offset))
         elif cache.offset:
-            ctx_k, ctx_v = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+            ctx_k, ctx_v = cache.keys, cache.values
+            if not padded:
+                ctx_k, ctx_v = ctx_k[..., : cache.offset, :], ctx_v[..., : cache.offset, :]
         else:
             ctx_k = ctx_v = None
         start = cache.offset
@@ -89,6 +105,8 @@ class InjectedAttention(nn.Module):
         )
         k, v = self.keys_values(x, start)
         if ctx_k is not None:
+            if padded and ctx_k.shape[2] > start:
+                mask = _hide_padding(mask, start, ctx_k.shape[2], x.shape[1])
             k, v = mx.concatenate([ctx_k, k], axis=2), mx.concatenate([ctx_v, v], axis=2)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
