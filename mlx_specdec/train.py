@@ -42,6 +42,7 @@ HELP = "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)"
 LOSS_DECAY = 4.0  # slot k weighs exp(-k / LOSS_DECAY)
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")
 STATE_DIR = "train_state"
+PAD_TO = 32  # batches are right-padded to a multiple of this many tokens
 DATA_FILE = "train_data.jsonl"
 
 
@@ -61,19 +62,27 @@ class TrainOptions:
     temperature: float = 0.7  # generation sampling (DeepSpec: Qwen3's T 0.7, top-p 0.8, top-k 20)
     top_p: float = 0.8
     top_k: int = 20
+    gen_batch: int = 64  # sequences the target generates at once
     batch_size: int = 8  # sequences per step
     anchors: int = 32  # blocks per sequence
     block_size: int = 7
     draft_layers: int = 5
+    # The draft layers' own attention heads, KV heads and MLP width (default: the target's).
+    draft_heads: int | None = None
+    draft_kv_heads: int | None = None
+    draft_intermediate: int | None = None
     markov_rank: int = 256
     taps: list[int] | None = None
     mask_token_id: int | None = None
     lr: float = 6e-4
+    ce_weight: float = 0.1  # DSpark: ce_weight * CE + (1 - ce_weight) * L1 (+ confidence BCE)
     warmup: float = 0.04
     save_every: int = 200
     dtype: str = "bfloat16"  # of the written checkpoint (DeepSpec writes bf16)
     seed: int = 0
     progress: bool = True
+    compile: bool = True  # mx.compile the training step
+    log_every: int = 0  # without a progress bar: print a line every this many steps (0: never)
 
 
 @dataclass
@@ -81,6 +90,7 @@ class TrainResult:
     out: Path
     losses: list[float] = field(default_factory=list)
     steps_done: int = 0
+    accepts: list[float] = field(default_factory=list)  # greedy accept length per step (this run)
 
 
 # ------------------------------------------------------------------------------------ config
@@ -138,6 +148,15 @@ def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[s
         vocab_size=target.vocab_size,
         layer_types=["full_attention"] * opts.draft_layers,
     )
+    if opts.draft_heads:
+        config["num_attention_heads"] = opts.draft_heads
+        config.setdefault(
+            "head_dim", target.hidden_size // int(target.config["num_attention_heads"])
+        )
+    if opts.draft_kv_heads or opts.draft_heads:
+        config["num_key_value_heads"] = opts.draft_kv_heads or config["num_attention_heads"]
+    if opts.draft_intermediate:
+        config["intermediate_size"] = opts.draft_intermediate
     if dspark:
         config.update(confidence_head_with_markov=True, markov_head_type="vanilla")
     for key in ("confidence_head_with_markov", "markov_head_type"):
@@ -234,9 +253,10 @@ def generate_data(target: Target, tokenizer: Any, opts: TrainOptions) -> list[di
         )
     mx.random.seed(opts.seed)
     sampler = make_sampler(opts.temperature, opts.top_p, top_k=opts.top_k)
+    t0 = time.perf_counter()
     eos = sorted(tokenizer.eos_token_ids)
     data = []
-    chunk = 64
+    chunk = max(1, opts.gen_batch)
     for s in _bar(range(0, len(prompts), chunk), opts.progress, "generating training text"):
         part = prompts[s : s + chunk]
         out = batch_generate(
@@ -256,6 +276,10 @@ def generate_data(target: Target, tokenizer: Any, opts: TrainOptions) -> list[di
             data.append(
                 {"ids": list(prompt) + answer, "mask": [0] * len(prompt) + [1] * len(answer)}
             )
+    if opts.log_every and not opts.progress:
+        n = sum(sum(d["mask"]) for d in data)
+        print(f"  generated {len(data)} answers, {n} tokens, in {time.perf_counter() - t0:.0f} s",
+              flush=True)  # fmt: skip
     return data
 
 
@@ -372,8 +396,13 @@ def block_loss(
     mask: mx.array,
     anchors: mx.array,
     anchor_ok: mx.array,
-) -> mx.array:
-    """The DeepSpec loss of a batch (see the module docstring)."""
+    ce_weight: float = 0.1,
+) -> tuple[mx.array, mx.array]:
+    """The DeepSpec loss of a batch (see the module docstring), and the greedy accept length
+    of its complete blocks (drafts the target's argmax agrees with, in a row, plus the bonus).
+
+    With greedy training text the accept length is exactly what greedy decoding would get at
+    those anchors with the full block: the teacher-forced Markov inputs are then the drafts."""
     cfg = drafter.config
     S, T = ids.shape
     B = cfg.block_size
@@ -388,29 +417,38 @@ def block_loss(
     w = mx.exp(-mx.arange(B, dtype=mx.float32) / LOSS_DECAY) * valid
     norm = mx.maximum(w.sum(), 1e-6)
 
-    logp = logits.astype(mx.float32) - mx.logsumexp(
-        logits.astype(mx.float32), axis=-1, keepdims=True
-    )
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     ce = -mx.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    if not cfg.markov_rank:  # DFlash: CE only
-        return (w * ce).sum() / norm
     # Target distribution for the token at p + j + 1 is the target's output at row p + j.
     t_rows = mx.minimum(anchors[:, :, None] + mx.arange(B), T - 1).reshape(S, -1)
-    t_logits = mx.take_along_axis(target_logits, t_rows[..., None], axis=1)
-    p_t = mx.softmax(t_logits.astype(mx.float32), axis=-1).reshape(logp.shape)
+    t_logits = mx.take_along_axis(target_logits, t_rows[..., None], axis=1).reshape(logp.shape)
+    hit = (mx.argmax(logits, axis=-1) == mx.argmax(t_logits, axis=-1)).astype(mx.float32)
+    full = valid[..., -1]
+    accept = ((mx.cumprod(hit, axis=2).sum(axis=2) + 1) * full).sum() / mx.maximum(full.sum(), 1)
+    accept = mx.stop_gradient(accept)
+    if not cfg.markov_rank:  # DFlash: CE only
+        return (w * ce).sum() / norm, accept
+    p_t = mx.softmax(t_logits.astype(mx.float32), axis=-1)
     l1 = mx.abs(mx.exp(logp) - p_t).sum(axis=-1)
-    loss = 0.1 * (w * ce).sum() / norm + 0.9 * (w * l1).sum() / norm
+    loss = ce_weight * (w * ce).sum() / norm + (1 - ce_weight) * (w * l1).sum() / norm
     if conf is not None:
         c_star = mx.stop_gradient(mx.clip(1.0 - 0.5 * l1, 0.0, 1.0))
         bce = nn.losses.binary_cross_entropy(conf.astype(mx.float32), c_star, reduction="none")
         loss = loss + (w * bce).sum() / norm
-    return loss
+    return loss, accept
 
 
 def target_pass(target: Target, ids: mx.array) -> tuple[mx.array, mx.array]:
-    """One frozen target forward per sequence: (logits [S, T, V], taps [S, T, m*H])."""
-    logits, taps = zip(*(target(row, None) for row in ids), strict=True)
-    return mx.stop_gradient(mx.stack(logits)), mx.stop_gradient(mx.stack(taps))
+    """One frozen target forward over the whole batch: (logits [S, T, V], taps [S, T, m*H]).
+
+    Rows are right-padded, so a causal mask keeps every real row exact."""
+    sink = target._sink  # the tapped layers record their outputs here during the forward
+    sink.values.clear()
+    h = target.inner(ids, cache=None)
+    taps = mx.concatenate([sink.values[i] for i in target.tap_ids], axis=-1)
+    sink.values.clear()
+    return mx.stop_gradient(target.head(h)), mx.stop_gradient(taps)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -419,7 +457,8 @@ def make_batch(
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """Right-padded ids/mask [S, T] and per-sequence anchors [S, A] with their validity."""
     seqs = [data[i] for i in rows]
-    T = max(len(s["ids"]) for s in seqs)
+    longest = max(len(s["ids"]) for s in seqs)
+    T = -(-longest // PAD_TO) * PAD_TO  # few distinct shapes: less to compile and cache
     ids = np.zeros((len(seqs), T), np.int32)
     mask = np.zeros((len(seqs), T), np.int32)
     anc = np.zeros((len(seqs), anchors), np.int32)
@@ -517,6 +556,7 @@ def train_drafter(
         config = json.loads((out / "config.json").read_text())
     else:
         config = drafter_config(target, tokenizer, opts)
+    mx.random.seed(opts.seed)
     drafter = init_drafter(target, config)
     target.set_taps(drafter.tap_ids)
 
@@ -538,36 +578,52 @@ def train_drafter(
         write_checkpoint(drafter, config, out, opts.dtype)  # config first, so --resume can find it
 
     loss_and_grad = nn.value_and_grad(drafter, block_loss)
+    state = [drafter.state, opt.state, mx.random.state, target.model.state]
 
-    def train_step(*batch: mx.array) -> mx.array:
+    def train_step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         ids = batch[0]
         logits, taps = target_pass(target, ids)
-        loss, grads = loss_and_grad(drafter, taps, logits, *batch)
+        (loss, accept), grads = loss_and_grad(drafter, taps, logits, *batch, opts.ce_weight)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(drafter, grads)
-        return loss
+        return loss, accept
+
+    if opts.compile:  # one graph per padded batch shape: far fewer kernel launches
+        train_step = mx.compile(train_step, inputs=state, outputs=state)
 
     rng = np.random.default_rng(opts.seed + step)
     order: list[int] = []
     bar = _bar(range(step, opts.steps), opts.progress, f"training {opts.kind}", opts.steps, step)
     tokens, t0 = 0, time.perf_counter()
+    accepts: list[float] = []
     for step in bar:
         if len(order) < opts.batch_size:
             order += list(rng.permutation(len(data)))
         rows, order = order[: opts.batch_size], order[opts.batch_size :]
         batch = make_batch(data, rows, opts.anchors, rng)
-        loss = train_step(*batch)
-        mx.eval(loss, drafter.parameters(), opt.state)
+        loss, accept = train_step(*batch)
+        mx.eval(loss, accept, drafter.parameters(), opt.state)
         losses.append(float(loss.item()))
+        accepts.append(float(accept.item()))
         tokens += int(batch[0].size)
-        if opts.progress:
-            rate = tokens / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
         done = step + 1
+        if opts.progress or (opts.log_every and done % opts.log_every == 0):
+            rate = tokens / max(time.perf_counter() - t0, 1e-9)
+            recent = accepts[-20:]
+            shown = {
+                "loss": f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
+                "accept": f"{sum(recent) / len(recent):.2f}",
+                "tok_s": f"{rate:.0f}",
+            }
+            if opts.progress:
+                bar.set_postfix(shown)
+            else:
+                print(f"  {opts.kind} step {done}/{opts.steps} "
+                      + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)  # fmt: skip
         if done % opts.save_every == 0 or done == opts.steps:
             _save_state(out, drafter, opt, done, losses, opts)
             write_checkpoint(drafter, config, out, opts.dtype)
-    return TrainResult(out=out, losses=losses, steps_done=opts.steps)
+    return TrainResult(out=out, losses=losses, steps_done=opts.steps, accepts=accepts)
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -1,20 +1,27 @@
 """Build the embedded demo pair from text every machine has, offline.
 
 1. Documents in three domains, from the running Python's standard library and a generator:
-   code (functions of the stdlib source), prose (their docstrings), math (generated arithmetic),
-   each as one ChatML exchange (the user gives a start or a question, the assistant answers).
+   code (functions of the stdlib source, its tests included), prose (their docstrings), math
+   (generated arithmetic), each as one ChatML exchange (the user gives a start or a question,
+   the assistant answers).
 2. A byte-level BPE tokenizer (`tokenizers`) trained on them, saved in the Hugging Face layout
    with a ChatML chat template.
-3. A small Qwen3 target trained from scratch on them (fp32: on a CPU, fp32 with OpenBLAS is where
-   speculation pays; bf16/quantized verify costs grow linearly with the tokens verified).
-4. Its DSpark and DFlash drafters, made by `train-drafter` on the target's own answers.
+3. A small Qwen3 target trained from scratch on them, written in float32: on a CPU, float32 with
+   OpenBLAS is where speculation pays (MLX's bf16 and quantized CPU kernels, and its bundled
+   BLAS, cost as much per verified token as per decoded one).
+4. Its DSpark and DFlash drafters, made by `train-drafter` on the target's own *greedy* answers
+   (what greedy decoding will ask them to predict), written in float16 (upcast when loaded with
+   `--drafter-bits 32`).
 5. A tiny plain draft LM with the same tokenizer, for mlx-lm's classic `--draft-model` race.
 
-Stdlib files are split by a hash of their path: 1 in 10 is held out, and `prompts.jsonl` holds
-held-out prompts of each domain for measuring acceptance. Runs on Metal, CUDA or (slowly) CPU:
+Stdlib files are split by a hash of their name: 1 in 10 is held out, and `prompts.jsonl` holds
+held-out prompts of each domain for measuring acceptance (`scripts/demo_accept.py`). Every stage
+keeps its result in `--work` and is skipped when that result is there; the LM and drafter
+trainings save their state as they go, so a run cut short continues where it stopped. Runs on
+Metal, CUDA or (slowly) CPU:
 
-    python scripts/make_demo.py --out mlx_specdec/demo            # full size (GPU: ~5 min)
-    python scripts/make_demo.py --out /tmp/demo --scale 0.02      # a quick smoke run
+    python scripts/make_demo.py --out mlx_specdec/demo              # full size (a GPU)
+    python scripts/make_demo.py --out /tmp/demo --work /tmp/demo-work --scale 0.01  # smoke run
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 CHAT_TEMPLATE = (
@@ -42,11 +49,15 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB = 2048
-TARGET = dict(hidden_size=192, num_hidden_layers=6, intermediate_size=512,
-              num_attention_heads=3, num_key_value_heads=1, head_dim=64)  # fmt: skip
+# 16 narrow layers: on a CPU the per-token cost that speculation saves grows with depth, while
+# the drafter (two layers of the same width) stays cheap beside it. 3.4 M parameters, 14 MB fp32.
+TARGET = dict(hidden_size=128, num_hidden_layers=16, intermediate_size=384,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=64)  # fmt: skip
 DRAFT_LM = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=64)  # fmt: skip
 SEQ = 256
+EXCLUDED_DIRS = ("idlelib", "site-packages", "lib2to3", "__pycache__")
+TEST_DIRS = ("test", "tests")
 
 
 def chat(user: str, answer: str) -> str:
@@ -54,16 +65,20 @@ def chat(user: str, answer: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ corpus
-def held_out(path: Path) -> bool:
-    return hashlib.sha1(path.name.encode()).digest()[0] % 10 == 0
+def split(path: Path) -> str:
+    """A file's share, by a hash of its name: 1 in 10 is held out for evaluation, 2 in 10 give
+    drafter-training prompts only (so that the drafters learn from the target's answers to
+    prompts it never saw, as at evaluation), the rest is the LMs' training text."""
+    bucket = hashlib.sha1(path.name.encode()).digest()[0] % 10
+    return "eval" if bucket == 0 else "drafter" if bucket <= 2 else "train"
 
 
-def stdlib_functions(max_lines: int = 30) -> list[tuple[Path, str, str | None, str]]:
-    """(file, function source, docstring, name) of the stdlib's top-level and method defs."""
+def stdlib_functions(max_lines: int = 40) -> list[tuple[Path, str, str | None, str]]:
+    """(file, function source, docstring, name) of every def in the stdlib's source."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for file in sorted(root.rglob("*.py")):
-        if any(p in ("test", "tests", "idlelib", "site-packages", "lib2to3") for p in file.parts):
+        if any(p in EXCLUDED_DIRS for p in file.parts):
             continue
         try:
             text = file.read_text(encoding="utf-8")
@@ -95,45 +110,62 @@ def arithmetic(rng: random.Random) -> tuple[str, str]:
     return f"Solve x + {b} = {a + b}.", f"x = {a + b} - {b} = {a}"
 
 
-def documents(scale: float, seed: int = 0) -> tuple[list[str], list[dict], list[dict]]:
-    """Training documents, drafter-training prompts and held-out evaluation prompts."""
+def documents(scale: float, seed: int = 0) -> tuple[list[str], dict[str, list], list[dict]]:
+    """Training documents, drafter-training prompts per domain and source ("seen": the target
+    trained on the answer, "unseen": it did not), held-out evaluation prompts."""
     rng = random.Random(seed)
     funcs = stdlib_functions()
     rng.shuffle(funcs)
-    funcs = funcs[: max(200, int(len(funcs) * scale))]
-    docs, train_prompts, eval_prompts = [], [], []
+    funcs = funcs[: max(400, int(len(funcs) * scale))]
+    docs: list[str] = []
+    prompts: dict[str, list] = {}
+    evals: dict[str, list] = {"code": [], "prose": []}
     for file, source, doc, name in funcs:
         head = source.splitlines()[0]
         prose_q = f"What does the function `{name}` do?"
-        if held_out(file):
-            eval_prompts.append({"domain": "code", "prompt": head})
-            if doc and len(doc) > 40:
-                eval_prompts.append({"domain": "prose", "prompt": prose_q})
+        has_doc = bool(doc and len(doc) > 40)
+        share = split(file)
+        if share == "eval":
+            if not any(p in TEST_DIRS for p in file.parts):
+                evals["code"].append(head)
+                if has_doc:
+                    evals["prose"].append(prose_q)
             continue
-        docs.append(chat(head, source))
-        train_prompts.append({"prompt": head})
-        if doc and len(doc) > 40:
-            docs.append(chat(prose_q, doc))
-            train_prompts.append({"prompt": prose_q})
-    n_math = max(200, int(60000 * scale))
-    for _ in range(n_math):
+        seen = "seen" if share == "train" else "unseen"
+        prompts.setdefault(f"code-{seen}", []).append(head)
+        if has_doc:
+            prompts.setdefault(f"prose-{seen}", []).append(prose_q)
+        if share == "train":
+            docs.append(chat(head, source))
+            if has_doc:
+                docs.append(chat(prose_q, doc))
+    for _ in range(max(200, int(60000 * scale))):
         q, a = arithmetic(rng)
         docs.append(chat(q, a))
-        if len(train_prompts) < 3 * n_math:
-            train_prompts.append({"prompt": q})
+        prompts.setdefault("math-seen", []).append(q)
     held = random.Random(seed + 1)
-    per_domain: dict[str, list[dict]] = {}
-    for p in eval_prompts:
-        per_domain.setdefault(p["domain"], []).append(p)
-    eval_prompts = [p for d in per_domain.values() for p in d[:40]]
+    eval_prompts = [{"domain": d, "prompt": p} for d, items in evals.items() for p in items[:40]]
     eval_prompts += [{"domain": "math", "prompt": arithmetic(held)[0]} for _ in range(40)]
     rng.shuffle(docs)
-    rng.shuffle(train_prompts)
-    return docs, train_prompts, eval_prompts
+    for items in prompts.values():
+        rng.shuffle(items)
+    return docs, prompts, eval_prompts
+
+
+def drafter_prompts(prompts: dict[str, list], scale: float, seed: int = 0) -> list[dict]:
+    """The prompts whose greedy answers train the drafters: mostly code, every unseen one."""
+    want = {"code-unseen": 10**6, "prose-unseen": 10**6, "code-seen": 6000, "prose-seen": 1500,
+            "math-seen": 1500}  # fmt: skip
+    out = []
+    for key, n in want.items():
+        items = list(dict.fromkeys(prompts.get(key, [])))  # greedy answers would repeat
+        out += [{"prompt": p} for p in items[: max(16, int(n * scale))]]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 # ------------------------------------------------------------------------------------ tokenizer
-def train_tokenizer(docs: list[str], out: Path) -> object:
+def train_tokenizer(docs: list[str], out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -151,7 +183,12 @@ def train_tokenizer(docs: list[str], out: Path) -> object:
     )  # fmt: skip
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out))
-    return hf
+
+
+def load_tokenizer(path: Path) -> object:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def qwen3_config(dims: dict, eos: int) -> dict:
@@ -163,50 +200,114 @@ def qwen3_config(dims: dict, eos: int) -> dict:
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------ LM training
 def pack(docs: list[str], tokenizer: object) -> np.ndarray:
     """All documents, tokenized and concatenated, cut into rows of SEQ + 1 tokens."""
     ids = [t for enc in tokenizer(docs)["input_ids"] for t in enc]
     n = len(ids) // (SEQ + 1)
-    return np.array(ids[: n * (SEQ + 1)], np.int32).reshape(n, SEQ + 1)
+    return np.array(ids[: n * (SEQ + 1)], np.int16).reshape(n, SEQ + 1)
 
 
-def train_lm(config: dict, rows: np.ndarray, steps: int, batch: int, lr: float,
-             seed: int) -> nn.Module:  # fmt: skip
+def build_corpus(work: Path, scale: float) -> None:
+    """Stage 1: documents, tokenizer, packed rows and prompts, in `work/corpus`."""
+    corpus = work / "corpus"
+    if (corpus / "done").is_file():
+        return
+    corpus.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    docs, prompts, eval_prompts = documents(scale)
+    size = sum(map(len, docs)) / 1e6
+    print(f"  {len(docs)} documents, {size:.1f} MB; training tokenizer", flush=True)
+    train_tokenizer(docs, corpus / "tokenizer")
+    rows = pack(docs, load_tokenizer(corpus / "tokenizer"))
+    np.save(corpus / "rows.npy", rows)
+    lines = [json.dumps(p) + "\n" for p in drafter_prompts(prompts, scale)]
+    (corpus / "drafter_prompts.jsonl").write_text("".join(lines))
+    (corpus / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_prompts))
+    stats = dict(documents=len(docs), megabytes=size, tokens=int(rows.size))
+    (corpus / "done").write_text(json.dumps(stats) + "\n")
+    print(f"  {rows.size / 1e6:.1f} M tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------ LM training
+def train_lm(
+    name: str, config: dict, rows: np.ndarray, work: Path, tok_dir: Path, *, steps: int,
+    batch: int, lr: float, seed: int, save_every: int = 500,
+) -> dict:  # fmt: skip
+    """Train (or resume) a Qwen3 LM on packed rows; writes an mlx-lm folder `work/name`."""
     from mlx_lm.models import qwen3
 
+    final, state = work / name, work / f"{name}-state"
+    if (final / "model.safetensors").is_file():
+        return json.loads((final / "train.json").read_text())
     mx.random.seed(seed)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     warm = max(1, steps // 25)
     sched = optim.join_schedules(
         [optim.linear_schedule(lr / warm, lr, warm), optim.cosine_decay(lr, steps - warm, lr / 20)],
         [warm],
     )  # fmt: skip
     opt = optim.AdamW(learning_rate=sched, weight_decay=0.01)
+    start, losses = 0, []
+    if (state / "progress.json").is_file():
+        info = json.loads((state / "progress.json").read_text())
+        model.load_weights(list(mx.load(str(state / "model.safetensors")).items()))
+        opt.state = tree_unflatten(list(mx.load(str(state / "optimizer.safetensors")).items()))
+        start, losses = info["step"], info["losses"]
+        print(f"  resuming {name} at step {start}", flush=True)
+    print(
+        f"  {name}: {n_params / 1e6:.2f} M parameters, {steps} steps of {batch}x{SEQ}", flush=True
+    )
 
     def loss_fn(model: nn.Module, x: mx.array) -> mx.array:
         logits = model(x[:, :-1])
         return nn.losses.cross_entropy(logits, x[:, 1:], reduction="mean")
 
-    state = [model.state, opt.state]
+    compiled_state = [model.state, opt.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def step(x: mx.array) -> mx.array:
         loss, grads = nn.value_and_grad(model, loss_fn)(model, x)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         return loss
 
-    rng = np.random.default_rng(seed)
+    def save_state(done: int) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(
+            str(state / "model.safetensors"), dict(tree_flatten(model.parameters()))
+        )
+        mx.save_safetensors(str(state / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+        (state / "progress.json").write_text(json.dumps({"step": done, "losses": losses}) + "\n")
+
     t0 = time.perf_counter()
-    for i in range(steps):
-        loss = step(mx.array(rows[rng.integers(0, len(rows), batch)]))
-        mx.eval(state)
-        if i % max(1, steps // 10) == 0 or i == steps - 1:
-            rate = (i + 1) * batch * SEQ / (time.perf_counter() - t0)
-            print(f"  step {i + 1}/{steps} loss {loss.item():.3f} ({rate:.0f} tok/s)", flush=True)
-    return model
+    for i in range(start, steps):
+        rng = np.random.default_rng([seed, i])  # the same batches whether resumed or not
+        x = mx.array(rows[rng.integers(0, len(rows), batch)].astype(np.int32))
+        loss = step(x)
+        mx.eval(compiled_state, loss)
+        losses.append(round(loss.item(), 4))
+        done = i + 1
+        if done % max(1, steps // 20) == 0 or done == steps:
+            rate = (done - start) * batch * SEQ / (time.perf_counter() - t0)
+            recent = np.mean(losses[-50:])
+            print(f"  {name} step {done}/{steps} loss {recent:.3f} ({rate:.0f} tok/s)", flush=True)
+        if done % save_every == 0 and done < steps:
+            save_state(done)
+    info = dict(
+        parameters=int(n_params),
+        steps=steps,
+        batch=batch,
+        seq=SEQ,
+        lr=lr,
+        final_loss=float(np.mean(losses[-100:])),
+        seconds=time.perf_counter() - t0,
+    )
+    save_lm(model, config, tok_dir, final)
+    (final / "train.json").write_text(json.dumps(info) + "\n")
+    shutil.rmtree(state, ignore_errors=True)
+    return info
 
 
 def save_lm(model: nn.Module, config: dict, tokenizer_dir: Path, out: Path) -> None:
@@ -220,60 +321,120 @@ def save_lm(model: nn.Module, config: dict, tokenizer_dir: Path, out: Path) -> N
         shutil.copy(f, out / f.name)
 
 
+# ------------------------------------------------------------------------------------ drafters
+def drafter_options(kind: str, work: Path, scale: float, args: argparse.Namespace) -> object:
+    from mlx_specdec.train import TrainOptions
+
+    # The greedy answers are generated once (by the first drafter) and reused.
+    data = (work / "drafter_data.jsonl", work / kind / "train_data.jsonl")
+    steps = args.drafter_steps if kind == "dspark" else args.dflash_steps
+    return TrainOptions(
+        model=str(work / "target"), out=str(work / kind), kind=kind,
+        prompts=str(work / "corpus" / "drafter_prompts.jsonl"),
+        data=next((str(f) for f in data if f.is_file()), None),
+        samples=1, gen_tokens=args.gen_tokens, gen_batch=args.gen_batch, temperature=0.0,
+        batch_size=args.drafter_batch, anchors=args.anchors, block_size=7,
+        draft_layers=args.draft_layers, markov_rank=64, lr=args.drafter_lr,
+        ce_weight=args.ce_weight, steps=max(20, int(steps * scale)),
+        save_every=args.save_every, dtype="float16", resume=(work / kind / "train_state").is_dir(),
+        progress=False, log_every=max(1, int(steps * scale) // 20),
+    )  # fmt: skip
+
+
+def train_drafters(work: Path, scale: float, args: argparse.Namespace) -> dict:
+    from mlx_specdec.train import train_drafter
+
+    results = {}
+    for kind in ("dspark", "dflash"):
+        done = work / kind / "done.json"
+        if done.is_file():
+            results[kind] = json.loads(done.read_text())
+            continue
+        opts = drafter_options(kind, work, scale, args)
+        # One greedy answer per prompt (more would repeat them).
+        opts.samples = len(Path(opts.prompts).read_text().splitlines())
+        t0 = time.perf_counter()
+        print(f"{kind} drafter ({opts.steps} steps)", flush=True)
+        result = train_drafter(opts)
+        if not (work / "drafter_data.jsonl").is_file():  # the next kind reuses the same text
+            shutil.copy(work / kind / "train_data.jsonl", work / "drafter_data.jsonl")
+        tail = max(1, len(result.losses) // 20)
+        info = dict(
+            steps=opts.steps, batch=opts.batch_size, anchors=opts.anchors, lr=opts.lr,
+            layers=opts.draft_layers, ce_weight=opts.ce_weight,
+            final_loss=float(np.mean(result.losses[-tail:])),
+            train_accept=float(np.mean(result.accepts[-tail:])) if result.accepts else None,
+            seconds=time.perf_counter() - t0,
+        )  # fmt: skip
+        done.write_text(json.dumps(info) + "\n")
+        results[kind] = info
+    return results
+
+
 # ------------------------------------------------------------------------------------ main
+def assemble(work: Path, out: Path, report: dict) -> None:
+    """Copy what ships into `out`: target and draft LM folders, drafter checkpoints, prompts."""
+    for name in ("target", "draft-lm"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for f in (work / name).iterdir():
+            if f.name != "train.json":
+                shutil.copy(f, out / name / f.name)
+    for kind in ("dspark", "dflash"):
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(work / kind / name, out / kind / name)
+    shutil.copy(work / "corpus" / "eval_prompts.jsonl", out / "prompts.jsonl")
+    (out / "build.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="mlx_specdec/demo")
-    ap.add_argument("--work", default=".dev/demo-work", help="scratch folder")
+    ap.add_argument("--work", default=".dev/demo-work", help="scratch folder (resumable)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of data and steps")
-    ap.add_argument("--batch", type=int, default=64, help="LM training batch (sequences)")
-    ap.add_argument("--skip-dflash", action="store_true")
+    ap.add_argument("--target-steps", type=int, default=2000)
+    ap.add_argument("--draft-lm-steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=128, help="LM training batch (sequences)")
+    ap.add_argument("--drafter-steps", type=int, default=2000, help="DSpark training steps")
+    ap.add_argument("--dflash-steps", type=int, default=1000)
+    ap.add_argument("--drafter-batch", type=int, default=64)
+    ap.add_argument("--anchors", type=int, default=48)
+    ap.add_argument("--draft-layers", type=int, default=2)
+    ap.add_argument("--drafter-lr", type=float, default=2e-3)
+    ap.add_argument("--ce-weight", type=float, default=0.5)
+    ap.add_argument("--gen-tokens", type=int, default=160)
+    ap.add_argument("--gen-batch", type=int, default=512)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--stop-after", choices=["corpus", "target", "draft-lm", "drafters"])
     args = ap.parse_args()
-    from mlx_specdec.train import TrainOptions, train_drafter
 
-    out, work = Path(args.out), Path(args.work)
+    out, work, s = Path(args.out), Path(args.work), args.scale
     work.mkdir(parents=True, exist_ok=True)
-    s = args.scale
     t0 = time.perf_counter()
-    print(f"device {mx.default_device()}; building documents", flush=True)
-    docs, train_prompts, eval_prompts = documents(s)
-    print(f"  {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB", flush=True)
-    tok_dir = work / "tokenizer"
-    tokenizer = train_tokenizer(docs, tok_dir)
-    rows = pack(docs, tokenizer)
-    print(f"  {rows.size / 1e6:.1f} M tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-
+    report: dict = {"device": str(mx.default_device()), "scale": s}
+    print(f"device {mx.default_device()}; corpus", flush=True)
+    build_corpus(work, s)
+    report["corpus"] = json.loads((work / "corpus" / "done").read_text())
+    if args.stop_after == "corpus":
+        return
+    tok_dir = work / "corpus" / "tokenizer"
+    eos = load_tokenizer(tok_dir).convert_tokens_to_ids("<|im_end|>")
+    rows = np.load(work / "corpus" / "rows.npy")
+    steps = max(20, int(args.target_steps * s))
     print("target", flush=True)
-    config = qwen3_config(TARGET, eos)
-    target = train_lm(config, rows, max(20, int(3000 * s)), args.batch, 2e-3, seed=0)
-    save_lm(target, config, tok_dir, out / "target")
+    report["target"] = train_lm("target", qwen3_config(TARGET, eos), rows, work, tok_dir,
+                                steps=steps, batch=args.batch, lr=2e-3, seed=0)  # fmt: skip
+    if args.stop_after == "target":
+        return
     print("plain draft LM", flush=True)
-    small = qwen3_config(DRAFT_LM, eos)
-    save_lm(train_lm(small, rows, max(20, int(1500 * s)), args.batch, 3e-3, seed=1), small, tok_dir,
-            out / "draft-lm")  # fmt: skip
-    del target
-
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(p) + "\n" for p in train_prompts))
-    common = dict(
-        model=str(out / "target"), prompts=str(prompts), samples=max(32, int(4096 * s)),
-        gen_tokens=160, batch_size=16, anchors=48, draft_layers=2, markov_rank=64, lr=1e-3,
-        temperature=0.3, steps=max(20, int(1500 * s)), save_every=10**9,
-    )  # fmt: skip
-    kinds = ["dspark"] if args.skip_dflash else ["dspark", "dflash"]
-    for kind in kinds:
-        print(kind, flush=True)
-        scratch = work / kind
-        data = work / "dspark" / "train_data.jsonl"  # the dflash run reuses dspark's text
-        opts = TrainOptions(kind=kind, out=str(scratch), data=str(data) if kind != "dspark"
-                            else None, **common)  # fmt: skip
-        result = train_drafter(opts)
-        print(f"  loss {result.losses[0]:.3f} -> {np.mean(result.losses[-20:]):.3f}", flush=True)
-        (out / kind).mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copy(scratch / name, out / kind / name)
-    (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_prompts))
+    steps = max(20, int(args.draft_lm_steps * s))
+    report["draft-lm"] = train_lm("draft-lm", qwen3_config(DRAFT_LM, eos), rows, work, tok_dir,
+                                  steps=steps, batch=args.batch, lr=3e-3, seed=1)  # fmt: skip
+    if args.stop_after == "draft-lm":
+        return
+    report["drafters"] = train_drafters(work, s, args)
+    report["seconds"] = time.perf_counter() - t0
+    assemble(work, out, report)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"done in {time.perf_counter() - t0:.0f} s; {out}: {size / 2**20:.1f} MiB", flush=True)
 
