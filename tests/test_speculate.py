@@ -47,7 +47,7 @@ def test_random_targets_match_mlx_lm_greedy(tmp_path, family, tied, seed):
 
 
 def test_quantized_drafter_is_still_lossless(tiny_pair):
-    target, _, drafter, config = load_pair(*map(str, tiny_pair))  # default: 4-bit drafter
+    target, _, drafter, config = load_pair(*map(str, tiny_pair), drafter_bits=4)
     assert config.drafter_bits == 4
     prompt = list(range(10, 60))
     assert run(target, drafter, prompt, 30)[0] == greedy_reference(target.model, prompt, 30, set())
