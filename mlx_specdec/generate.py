@@ -244,8 +244,10 @@ def _reusing_prefix(
         if found is not None:
             prefix_cache.drop(found[0])
         raise
+    # A run that ended at its first token never fed the drafter: nothing both caches hold.
     held = min(len(tokens), *(c.offset for c in (*target_cache, *drafter_state)))
-    prefix_cache.store(take_snapshot(owner, tokens[:held], target_cache, drafter_state))
+    if held > 0:
+        prefix_cache.store(take_snapshot(owner, tokens[:held], target_cache, drafter_state))
 
 
 def speculative_generate(

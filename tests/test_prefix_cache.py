@@ -265,3 +265,21 @@ def test_spill_file_format(tmp_path):
     held = json.loads(meta["tokens"])
     assert held[: len(ids)] == ids and len(held) > len(ids)  # the prompt, then the answer
     assert all(a.shape[2] == len(held) for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", ["dspark", "eagle3", "baseline"])
+def test_a_run_that_ends_at_its_first_token(name):
+    """max_new_tokens=1 (or a stop token first): the drafter never saw the prompt, so there is
+    nothing both caches hold; nothing is stored for a drafter pair, and nothing breaks."""
+    target, tokenizer, drafter = load(name)
+    cache = PrefixCache()
+    ids = encode_prompt(tokenizer, HISTORY, chat=False)
+    first = speculative_generate(
+        target, tokenizer, drafter, ids, max_new_tokens=1, prefix_cache=cache
+    )
+    assert len(first.tokens) <= 1
+    assert cache.stats()["ram_entries"] == (1 if drafter is None else 0)
+    again = speculative_generate(
+        target, tokenizer, drafter, ids, max_new_tokens=8, prefix_cache=cache
+    )
+    assert again.tokens[:1] == first.tokens
