@@ -87,21 +87,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(
-    p: argparse.ArgumentParser, max_draft_default: str | None = "auto"
-) -> None:
-    """Sampling flags and --max-draft (default `auto`, or None = the full block)."""
-    default = (
-        "auto: the cap measured fastest for this model on this machine, measured once (a few "
-        "seconds) and then cached"
-        if max_draft_default == "auto"
-        else "0"
-    )
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling flags and --max-draft (default `auto`)."""
     p.add_argument(
         "--max-draft",
         type=draft_cap,
-        default=max_draft_default,
-        help=f"drafts verified per round: N, 0 = the full block, or auto (default: {default})",
+        default="auto",
+        help="drafts verified per round: N, 0 = the full block, or auto (default: the cap "
+        "measured fastest for this model on this machine, measured once and then cached)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

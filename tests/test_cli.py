@@ -153,6 +153,6 @@ def test_max_draft_flag_values():
     assert parser.parse_args([*base, "--max-draft", "0"]).max_draft is None
     assert parser.parse_args([*base, "--max-draft", "4"]).max_draft == 4
     assert parser.parse_args(["serve", "--max-draft", "auto"]).max_draft == "auto"
-    assert parser.parse_args(["serve"]).max_draft is None  # the server keeps the full block
+    assert parser.parse_args(["serve"]).max_draft == "auto"  # as generate
     bad = cli("generate", "--prompt", "x", "--max-draft", "many")
     assert bad.returncode == 2 and "takes an integer (0 = full block) or 'auto'" in bad.stderr

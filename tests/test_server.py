@@ -37,6 +37,8 @@ def _start(*flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "mlx_specdec", "serve", "--model", str(PAIR / "target")]
     cmd += ["--drafter", str(PAIR / "drafter"), "--drafter-bits", "16", "--port", str(port)]
+    if "--max-draft" not in flags:  # the full block, as speculative_generate's default
+        cmd += ["--max-draft", "0"]
     cmd += ["--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

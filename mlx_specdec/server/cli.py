@@ -14,10 +14,10 @@ HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    # `--max-draft auto` measures (or reads the cached) cap at start-up. The default stays the
-    # full block, as the Python API's max_draft=None, so that a server's answers (round counts,
-    # seeded samples) match speculative_generate called the same way.
-    add_sampling_arguments(p, max_draft_default=None)
+    # The default cap is `auto`, as in `generate`: read from the per-machine cache, or measured
+    # once at start-up. `--max-draft 0` serves the full block (what the Python API does by
+    # default), e.g. to match speculative_generate's round counts and seeded samples exactly.
+    add_sampling_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
