@@ -233,9 +233,50 @@ def _corpus_prompts(root: Path, tokenizer: Any, opts: TrainOptions, rng: random.
     return snippets
 
 
+def generate_answers(
+    target: Target,
+    prompts: list[list[int]],
+    max_tokens: int,
+    sampler: Callable[[mx.array], mx.array],
+    eos: list[int],
+    batch: int = 64,
+    progress: bool = False,
+) -> list[list[int]]:
+    """The target's answer to each token prompt, ending with its stop token if it stopped.
+
+    Prompts of the same length run together, so a batch needs neither padding nor masks and
+    decodes exactly as one prompt alone would (up to batched arithmetic)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    chunks = [ids[s : s + batch] for ids in by_length.values() for s in range(0, len(ids), batch)]
+    stop = mx.array(eos or [-1])
+    answers: list[list[int]] = [[] for _ in prompts]
+    for chunk in _bar(chunks, progress, "generating training text"):
+        cache = make_prompt_cache(target.model)
+        logits = target.model(mx.array([prompts[i] for i in chunk]), cache=cache)[:, -1]
+        done = mx.zeros((len(chunk),), mx.bool_)
+        steps = []
+        for n in range(max_tokens):
+            tok = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            steps.append(tok)
+            done = done | (tok[:, None] == stop).any(axis=1)
+            if n + 1 == max_tokens:
+                break
+            logits = target.model(tok[:, None], cache=cache)[:, -1]
+            if n % 16 == 15 and done.all().item():  # every answer has stopped
+                break
+        rows = mx.stack(steps, axis=1).tolist()
+        for i, row in zip(chunk, rows, strict=True):
+            end = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+            answers[i] = row[:end]
+    return answers
+
+
 def generate_data(target: Target, tokenizer: Any, opts: TrainOptions) -> list[dict[str, list]]:
     """The target's own text: `{"ids": prompt + answer, "mask": 1 on the answer}` per sample."""
-    from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
     from .generate import encode_prompt
@@ -244,7 +285,7 @@ def generate_data(target: Target, tokenizer: Any, opts: TrainOptions) -> list[di
     if opts.prompts:
         raw = _read_prompts(Path(opts.prompts))
         prompts = [encode_prompt(tokenizer, p, enable_thinking=False) for p in raw]
-        prompts = [prompts[i % len(prompts)] for i in range(opts.samples)]
+        prompts = [list(prompts[i % len(prompts)]) for i in range(opts.samples)]
     elif opts.corpus:
         prompts = _corpus_prompts(Path(opts.corpus), tokenizer, opts, rng)
     else:
@@ -255,29 +296,15 @@ def generate_data(target: Target, tokenizer: Any, opts: TrainOptions) -> list[di
     sampler = make_sampler(opts.temperature, opts.top_p, top_k=opts.top_k)
     t0 = time.perf_counter()
     eos = sorted(tokenizer.eos_token_ids)
-    data = []
-    chunk = max(1, opts.gen_batch)
-    for s in _bar(range(0, len(prompts), chunk), opts.progress, "generating training text"):
-        part = prompts[s : s + chunk]
-        out = batch_generate(
-            target.model,
-            tokenizer,
-            part,
-            max_tokens=opts.gen_tokens,
-            sampler=sampler,
-            return_token_ids=True,
-            completion_batch_size=chunk,
-            prefill_batch_size=chunk,
-        )
-        for prompt, answer in zip(part, out.token_ids, strict=True):
-            answer = list(answer)
-            if len(answer) < opts.gen_tokens and eos:
-                answer.append(eos[0])  # stopped: the stop token is part of what to predict
-            data.append(
-                {"ids": list(prompt) + answer, "mask": [0] * len(prompt) + [1] * len(answer)}
-            )
+    answers = generate_answers(
+        target, prompts, opts.gen_tokens, sampler, eos, opts.gen_batch, opts.progress
+    )
+    data = [
+        {"ids": p + a, "mask": [0] * len(p) + [1] * len(a)}
+        for p, a in zip(prompts, answers, strict=True)
+    ]
     if opts.log_every and not opts.progress:
-        n = sum(sum(d["mask"]) for d in data)
+        n = sum(len(a) for a in answers)
         print(f"  generated {len(data)} answers, {n} tokens, in {time.perf_counter() - t0:.0f} s",
               flush=True)  # fmt: skip
     return data

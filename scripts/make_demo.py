@@ -9,9 +9,10 @@
 3. A small Qwen3 target trained from scratch on them, written in float32: on a CPU, float32 with
    OpenBLAS is where speculation pays (MLX's bf16 and quantized CPU kernels, and its bundled
    BLAS, cost as much per verified token as per decoded one).
-4. Its DSpark and DFlash drafters, made by `train-drafter` on the target's own *greedy* answers
-   (what greedy decoding will ask them to predict), written in float16 (upcast when loaded with
-   `--drafter-bits 32`).
+4. Its DSpark and DFlash drafters, trained by `train-drafter`'s code on the target's own *greedy*
+   answers (what greedy decoding will ask them to predict) to every distinct code and prose
+   prompt of the non-held-out files and to code continued from the first lines of a real answer,
+   written in float16 (upcast when loaded with `--drafter-bits 32`).
 5. A tiny plain draft LM with the same tokenizer, for mlx-lm's classic `--draft-model` race.
 
 Stdlib files are split by a hash of their name: 1 in 10 is held out, and `prompts.jsonl` holds
@@ -113,7 +114,7 @@ def arithmetic(rng: random.Random) -> tuple[str, str]:
 def documents(scale: float, seed: int = 0) -> tuple[list[str], dict[str, list], list[dict]]:
     """Training documents, drafter-training prompts per domain and source ("seen": the target
     trained on the answer, "unseen": it did not), held-out evaluation prompts."""
-    rng = random.Random(seed)
+    rng, cut = random.Random(seed), random.Random(seed + 2)
     funcs = stdlib_functions()
     rng.shuffle(funcs)
     funcs = funcs[: max(400, int(len(funcs) * scale))]
@@ -132,9 +133,15 @@ def documents(scale: float, seed: int = 0) -> tuple[list[str], dict[str, list], 
                     evals["prose"].append(prose_q)
             continue
         seen = "seen" if share == "train" else "unseen"
-        prompts.setdefault(f"code-{seen}", []).append(head)
+        prompts.setdefault(f"code-{seen}", []).append({"prompt": head})
+        lines = source.splitlines()
+        if len(lines) >= 4:  # the answer's first lines given: the target continues mid-function
+            k = cut.randint(2, min(6, len(lines) - 2))
+            # Cut before a newline: BPE joins a newline with the next line's indent.
+            prefix = {"prompt": head, "prefix": "\n".join(lines[:k]).rstrip()}
+            prompts.setdefault("code-prefix", []).append(prefix)
         if has_doc:
-            prompts.setdefault(f"prose-{seen}", []).append(prose_q)
+            prompts.setdefault(f"prose-{seen}", []).append({"prompt": prose_q})
         if share == "train":
             docs.append(chat(head, source))
             if has_doc:
@@ -142,7 +149,7 @@ def documents(scale: float, seed: int = 0) -> tuple[list[str], dict[str, list], 
     for _ in range(max(200, int(60000 * scale))):
         q, a = arithmetic(rng)
         docs.append(chat(q, a))
-        prompts.setdefault("math-seen", []).append(q)
+        prompts.setdefault("math-seen", []).append({"prompt": q})
     held = random.Random(seed + 1)
     eval_prompts = [{"domain": d, "prompt": p} for d, items in evals.items() for p in items[:40]]
     eval_prompts += [{"domain": "math", "prompt": arithmetic(held)[0]} for _ in range(40)]
@@ -153,13 +160,16 @@ def documents(scale: float, seed: int = 0) -> tuple[list[str], dict[str, list], 
 
 
 def drafter_prompts(prompts: dict[str, list], scale: float, seed: int = 0) -> list[dict]:
-    """The prompts whose greedy answers train the drafters: mostly code, every unseen one."""
-    want = {"code-unseen": 10**6, "prose-unseen": 10**6, "code-seen": 6000, "prose-seen": 1500,
-            "math-seen": 1500}  # fmt: skip
+    """The prompts whose greedy answers train the drafters: every distinct code and prose
+    prompt (greedy answers to a repeated one would repeat), code continued from the first lines
+    of a real answer (more distinct trajectories than there are prompts), some arithmetic."""
+    # How many of each kind (None: all of them).
+    want = {"code-unseen": None, "code-seen": None, "code-prefix": 40000, "prose-unseen": None,
+            "prose-seen": None, "math-seen": 4000}  # fmt: skip
     out = []
     for key, n in want.items():
-        items = list(dict.fromkeys(prompts.get(key, [])))  # greedy answers would repeat
-        out += [{"prompt": p} for p in items[: max(16, int(n * scale))]]
+        items = list({json.dumps(p, sort_keys=True): p for p in prompts.get(key, [])}.values())
+        out += items[: max(16, int((len(items) if n is None else n) * scale))]
     random.Random(seed).shuffle(out)
     return out
 
@@ -207,10 +217,17 @@ def pack(docs: list[str], tokenizer: object) -> np.ndarray:
     return np.array(ids[: n * (SEQ + 1)], np.int16).reshape(n, SEQ + 1)
 
 
+def write_jsonl(path: Path, items: list[dict]) -> None:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
 def build_corpus(work: Path, scale: float) -> None:
     """Stage 1: documents, tokenizer, packed rows and prompts, in `work/corpus`."""
     corpus = work / "corpus"
     if (corpus / "done").is_file():
+        if not (corpus / "drafter_prompts.jsonl").is_file():
+            _, prompts, _ = documents(scale)
+            write_jsonl(corpus / "drafter_prompts.jsonl", drafter_prompts(prompts, scale))
         return
     corpus.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -220,9 +237,8 @@ def build_corpus(work: Path, scale: float) -> None:
     train_tokenizer(docs, corpus / "tokenizer")
     rows = pack(docs, load_tokenizer(corpus / "tokenizer"))
     np.save(corpus / "rows.npy", rows)
-    lines = [json.dumps(p) + "\n" for p in drafter_prompts(prompts, scale)]
-    (corpus / "drafter_prompts.jsonl").write_text("".join(lines))
-    (corpus / "eval_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in eval_prompts))
+    write_jsonl(corpus / "drafter_prompts.jsonl", drafter_prompts(prompts, scale))
+    write_jsonl(corpus / "eval_prompts.jsonl", eval_prompts)
     stats = dict(documents=len(docs), megabytes=size, tokens=int(rows.size))
     (corpus / "done").write_text(json.dumps(stats) + "\n")
     print(f"  {rows.size / 1e6:.1f} M tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -230,15 +246,16 @@ def build_corpus(work: Path, scale: float) -> None:
 
 # ------------------------------------------------------------------------------------ LM training
 def train_lm(
-    name: str, config: dict, rows: np.ndarray, work: Path, tok_dir: Path, *, steps: int,
+    name: str, config: dict, work: Path, tok_dir: Path, *, steps: int,
     batch: int, lr: float, seed: int, save_every: int = 500,
 ) -> dict:  # fmt: skip
-    """Train (or resume) a Qwen3 LM on packed rows; writes an mlx-lm folder `work/name`."""
+    """Train (or resume) a Qwen3 LM on the packed rows; writes an mlx-lm folder `work/name`."""
     from mlx_lm.models import qwen3
 
     final, state = work / name, work / f"{name}-state"
     if (final / "model.safetensors").is_file():
         return json.loads((final / "train.json").read_text())
+    rows = np.load(work / "corpus" / "rows.npy")
     mx.random.seed(seed)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
@@ -322,22 +339,49 @@ def save_lm(model: nn.Module, config: dict, tokenizer_dir: Path, out: Path) -> N
 
 
 # ------------------------------------------------------------------------------------ drafters
+def drafter_data(work: Path, args: argparse.Namespace) -> dict:
+    """The target's greedy answers to the drafter prompts (what greedy decoding will ask the
+    drafters to predict), in `work/drafter_data.jsonl`; shared by both drafters."""
+    from mlx_specdec.generate import encode_prompt
+    from mlx_specdec.loading import load_target
+    from mlx_specdec.train import generate_answers
+
+    out = work / "drafter_data.jsonl"
+    if out.is_file():
+        return json.loads((work / "drafter_data.json").read_text())
+    t0 = time.perf_counter()
+    target, tok = load_target(str(work / "target"))
+    items = [json.loads(line) for line in (work / "corpus" / "drafter_prompts.jsonl").open()]
+    prompts = [
+        list(encode_prompt(tok, p["prompt"], enable_thinking=False))
+        + tok.encode(p.get("prefix", ""), add_special_tokens=False)
+        for p in items
+    ]  # fmt: skip
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    eos = sorted(tok.eos_token_ids)
+    answers = generate_answers(target, prompts, args.gen_tokens, greedy, eos, args.gen_batch)
+    with out.open("w") as f:
+        for p, a in zip(prompts, answers, strict=True):
+            f.write(json.dumps({"ids": p + a, "mask": [0] * len(p) + [1] * len(a)}) + "\n")
+    info = dict(answers=len(answers), tokens=sum(map(len, answers)),
+                seconds=time.perf_counter() - t0)  # fmt: skip
+    (work / "drafter_data.json").write_text(json.dumps(info) + "\n")
+    print(f"  {info['answers']} greedy answers, {info['tokens']} tokens "
+          f"({info['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return info
+
+
 def drafter_options(kind: str, work: Path, scale: float, args: argparse.Namespace) -> object:
     from mlx_specdec.train import TrainOptions
 
-    # The greedy answers are generated once (by the first drafter) and reused.
-    data = (work / "drafter_data.jsonl", work / kind / "train_data.jsonl")
-    steps = args.drafter_steps if kind == "dspark" else args.dflash_steps
+    steps = max(20, int((args.drafter_steps if kind == "dspark" else args.dflash_steps) * scale))
     return TrainOptions(
         model=str(work / "target"), out=str(work / kind), kind=kind,
-        prompts=str(work / "corpus" / "drafter_prompts.jsonl"),
-        data=next((str(f) for f in data if f.is_file()), None),
-        samples=1, gen_tokens=args.gen_tokens, gen_batch=args.gen_batch, temperature=0.0,
-        batch_size=args.drafter_batch, anchors=args.anchors, block_size=7,
-        draft_layers=args.draft_layers, markov_rank=64, lr=args.drafter_lr,
-        ce_weight=args.ce_weight, steps=max(20, int(steps * scale)),
+        data=str(work / "drafter_data.jsonl"), block_size=7,
+        batch_size=args.drafter_batch, anchors=args.anchors, draft_layers=args.draft_layers,
+        markov_rank=64, lr=args.drafter_lr, ce_weight=args.ce_weight, steps=steps,
         save_every=args.save_every, dtype="float16", resume=(work / kind / "train_state").is_dir(),
-        progress=False, log_every=max(1, int(steps * scale) // 20),
+        progress=False, log_every=max(1, steps // 20),
     )  # fmt: skip
 
 
@@ -345,19 +389,15 @@ def train_drafters(work: Path, scale: float, args: argparse.Namespace) -> dict:
     from mlx_specdec.train import train_drafter
 
     results = {}
-    for kind in ("dspark", "dflash"):
+    for kind in args.kinds.split(","):
         done = work / kind / "done.json"
         if done.is_file():
             results[kind] = json.loads(done.read_text())
             continue
         opts = drafter_options(kind, work, scale, args)
-        # One greedy answer per prompt (more would repeat them).
-        opts.samples = len(Path(opts.prompts).read_text().splitlines())
         t0 = time.perf_counter()
         print(f"{kind} drafter ({opts.steps} steps)", flush=True)
         result = train_drafter(opts)
-        if not (work / "drafter_data.jsonl").is_file():  # the next kind reuses the same text
-            shutil.copy(work / kind / "train_data.jsonl", work / "drafter_data.jsonl")
         tail = max(1, len(result.losses) // 20)
         info = dict(
             steps=opts.steps, batch=opts.batch_size, anchors=opts.anchors, lr=opts.lr,
@@ -395,17 +435,18 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=2000)
     ap.add_argument("--draft-lm-steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=128, help="LM training batch (sequences)")
-    ap.add_argument("--drafter-steps", type=int, default=2000, help="DSpark training steps")
-    ap.add_argument("--dflash-steps", type=int, default=1000)
-    ap.add_argument("--drafter-batch", type=int, default=64)
+    ap.add_argument("--drafter-steps", type=int, default=5000, help="DSpark training steps")
+    ap.add_argument("--dflash-steps", type=int, default=4000)
+    ap.add_argument("--drafter-batch", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=48)
     ap.add_argument("--draft-layers", type=int, default=2)
     ap.add_argument("--drafter-lr", type=float, default=2e-3)
     ap.add_argument("--ce-weight", type=float, default=0.5)
     ap.add_argument("--gen-tokens", type=int, default=160)
-    ap.add_argument("--gen-batch", type=int, default=512)
+    ap.add_argument("--gen-batch", type=int, default=2048, help="prompts decoded at once")
     ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--stop-after", choices=["corpus", "target", "draft-lm", "drafters"])
+    ap.add_argument("--kinds", default="dspark,dflash", help="drafters to train in this run")
+    ap.add_argument("--stop-after", choices=["corpus", "target", "draft-lm", "drafter-data"])
     args = ap.parse_args()
 
     out, work, s = Path(args.out), Path(args.work), args.scale
@@ -419,20 +460,25 @@ def main() -> None:
         return
     tok_dir = work / "corpus" / "tokenizer"
     eos = load_tokenizer(tok_dir).convert_tokens_to_ids("<|im_end|>")
-    rows = np.load(work / "corpus" / "rows.npy")
     steps = max(20, int(args.target_steps * s))
     print("target", flush=True)
-    report["target"] = train_lm("target", qwen3_config(TARGET, eos), rows, work, tok_dir,
+    report["target"] = train_lm("target", qwen3_config(TARGET, eos), work, tok_dir,
                                 steps=steps, batch=args.batch, lr=2e-3, seed=0)  # fmt: skip
     if args.stop_after == "target":
         return
     print("plain draft LM", flush=True)
     steps = max(20, int(args.draft_lm_steps * s))
-    report["draft-lm"] = train_lm("draft-lm", qwen3_config(DRAFT_LM, eos), rows, work, tok_dir,
+    report["draft-lm"] = train_lm("draft-lm", qwen3_config(DRAFT_LM, eos), work, tok_dir,
                                   steps=steps, batch=args.batch, lr=3e-3, seed=1)  # fmt: skip
     if args.stop_after == "draft-lm":
         return
+    print("drafter training text", flush=True)
+    report["drafter-data"] = drafter_data(work, args)
+    if args.stop_after == "drafter-data":
+        return
     report["drafters"] = train_drafters(work, s, args)
+    if set(report["drafters"]) != {"dspark", "dflash"}:
+        return
     report["seconds"] = time.perf_counter() - t0
     assemble(work, out, report)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

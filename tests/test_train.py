@@ -20,6 +20,7 @@ from mlx_specdec.train import (
     block_forward,
     default_taps,
     drafter_config,
+    generate_answers,
     init_drafter,
     target_pass,
 )
@@ -76,6 +77,22 @@ def test_default_taps_follow_deepspec() -> None:
     assert default_taps(36) == [1, 9, 17, 25, 33]
     assert default_taps(40) == [1, 10, 19, 28, 37]
     assert default_taps(4) == [0, 1, 2]
+
+
+def test_generated_answers_are_greedy_decoding(target_dir: Path) -> None:
+    """Prompts batched by length decode what mlx-lm's one-prompt greedy loop decodes."""
+    target, _ = load_target(str(target_dir))
+    prompts = [[5, 9, 11], [7, 3, 2], [4, 8], [30, 31, 32, 33, 34], [6, 6, 6]]
+    eos = [493]
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    answers = generate_answers(target, prompts, 12, greedy, eos, batch=2)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        want = []
+        for tok, _ in generate_step(mx.array(prompt), target.model, max_tokens=12):
+            want.append(int(tok))
+            if tok in eos:
+                break
+        assert answer == want
 
 
 def test_training_forward_equals_inference_forward(target_dir: Path) -> None:
