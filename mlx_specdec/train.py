@@ -42,7 +42,9 @@ HELP = "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)"
 LOSS_DECAY = 4.0  # slot k weighs exp(-k / LOSS_DECAY)
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")
 STATE_DIR = "train_state"
-PAD_TO = 32  # batches are right-padded to a multiple of this many tokens
+# Batches are right-padded to a multiple of this many tokens: every new shape costs a compile
+# (tens of seconds on CUDA), so few shapes beat tight padding.
+PAD_TO = 128
 DATA_FILE = "train_data.jsonl"
 
 
