@@ -1,4 +1,5 @@
-"""Greedy mean accept length and decode speed-up of the demo pair on its held-out prompts.
+"""Greedy mean accept length and decode speed-up of the demo pair on its held-out prompts, and
+what one round costs (draft + verify) against a plain step.
 
 Every speculative output is checked against mlx-lm's plain greedy generation (the baseline whose
 speed the speed-up divides by) token for token. On a Linux CPU run it with OpenBLAS preloaded
@@ -17,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from mlx_specdec.bench import measure_costs
 from mlx_specdec.demo import DEMO_DIR
 from mlx_specdec.generate import baseline_generate, speculative_generate
 from mlx_specdec.loading import load_drafter, load_target
@@ -77,6 +79,16 @@ def main() -> None:
                 flush=True,
             )
     print(f"({time.perf_counter() - t0:.0f} s; outputs identical to mlx-lm greedy)")
+    # Where the time goes: one round is a draft plus a verify of cap + 1 tokens.
+    for mode, drafter in drafters.items():
+        costs = measure_costs(target, drafter, 100, max_width=8, reps=20)
+        cap = args.max_draft or drafter.max_draft
+        print(
+            f"{mode} cost (ms, context 100): plain step {costs.verify_ms[1]:.2f}, "
+            f"draft {costs.draft_ms[cap]:.2f} + verify of {cap + 1} tokens "
+            f"{costs.verify_ms[cap + 1]:.2f} = round {costs.round_ms(cap):.2f} "
+            f"({costs.round_ms(cap) / costs.verify_ms[1]:.2f} plain steps)"
+        )
 
 
 if __name__ == "__main__":
