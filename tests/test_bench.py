@@ -122,6 +122,11 @@ def test_auto_max_draft_cache(monkeypatch):
     entries = json.loads(bench.cache_file().read_text())["entries"]
     (key,) = entries
     assert "dspark:32bit" in key or "dspark:float32" in key
+    # The same folders with other weights (a retrained drafter) are measured afresh.
+    drafter.fc.weight = drafter.fc.weight * 2
+    assert bench.cap_cache_key(target, drafter) != key
+    assert bench.auto_max_draft(target, drafter, survival=[0.9] * 7) == 2
+    assert len(calls) == 2
 
 
 def test_jsonl_prompts(tmp_path):
