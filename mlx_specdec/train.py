@@ -571,8 +571,10 @@ def train_drafter(
     """Generate data (once), train, and write the checkpoint to `opts.out`."""
     if opts.kind not in ("dspark", "dflash"):
         raise SpecDecError(f"--kind must be dspark or dflash, got '{opts.kind}'")
-    if opts.steps < 1 or opts.batch_size < 1 or opts.anchors < 1 or opts.block_size < 2:
-        raise SpecDecError("--steps, --batch-size, --anchors must be >= 1 and --block-size >= 2")
+    if min(opts.steps, opts.batch_size, opts.anchors, opts.gen_batch) < 1 or opts.block_size < 2:
+        raise SpecDecError(
+            "--steps, --batch-size, --anchors, gen_batch must be >= 1 and --block-size >= 2"
+        )
     out = Path(opts.out)
     if target is None:
         from .loading import load_target

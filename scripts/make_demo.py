@@ -85,9 +85,8 @@ def docstring_lines(tree: ast.AST) -> set[int]:
     """Line numbers (1-based) of every docstring in a module."""
     lines: set[int] = set()
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            first = body[0] if body else None
+            first = node.body[0] if node.body else None
             value = first.value if isinstance(first, ast.Expr) else None
             if isinstance(value, ast.Constant) and isinstance(value.value, str):
                 lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
@@ -372,9 +371,9 @@ def drafter_data(work: Path, args: argparse.Namespace) -> dict:
     from mlx_specdec.loading import load_target
     from mlx_specdec.train import generate_answers
 
-    out = work / "drafter_data.jsonl"
-    if out.is_file():
-        return json.loads((work / "drafter_data.json").read_text())
+    out, info_file = work / "drafter_data.jsonl", work / "drafter_data.json"
+    if out.is_file() and info_file.is_file():
+        return json.loads(info_file.read_text())
     t0 = time.perf_counter()
     target, tok = load_target(str(work / "target"))
     items = [json.loads(line) for line in (work / "corpus" / "drafter_prompts.jsonl").open()]
@@ -389,12 +388,14 @@ def drafter_data(work: Path, args: argparse.Namespace) -> dict:
     greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
     eos = sorted(tok.eos_token_ids)
     answers = generate_answers(target, prompts, args.gen_tokens, greedy, eos, args.gen_batch)
-    with out.open("w") as f:
+    partial = out.with_suffix(".partial")  # a run cut short mid-write leaves no "done" data
+    with partial.open("w") as f:
         for p, a in zip(prompts, answers, strict=True):
             f.write(json.dumps({"ids": p + a, "mask": [0] * len(p) + [1] * len(a)}) + "\n")
     info = dict(answers=len(answers), tokens=sum(map(len, answers)),
                 seconds=time.perf_counter() - t0)  # fmt: skip
-    (work / "drafter_data.json").write_text(json.dumps(info) + "\n")
+    info_file.write_text(json.dumps(info) + "\n")
+    partial.replace(out)
     print(f"  {info['answers']} greedy answers, {info['tokens']} tokens "
           f"({info['seconds']:.0f} s)", flush=True)  # fmt: skip
     return info

@@ -83,16 +83,22 @@ def test_generated_answers_are_greedy_decoding(target_dir: Path) -> None:
     """Prompts batched by length decode what mlx-lm's one-prompt greedy loop decodes."""
     target, _ = load_target(str(target_dir))
     prompts = [[5, 9, 11], [7, 3, 2], [4, 8], [30, 31, 32, 33, 34], [6, 6, 6]]
-    eos = [493]
-    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
-    answers = generate_answers(target, prompts, 12, greedy, eos, batch=2)
-    for prompt, answer in zip(prompts, answers, strict=True):
-        want = []
+
+    def mlx_lm_greedy(prompt: list[int], eos: list[int]) -> list[int]:
+        out = []
         for tok, _ in generate_step(mx.array(prompt), target.model, max_tokens=12):
-            want.append(int(tok))
+            out.append(int(tok))
             if tok in eos:
                 break
-        assert answer == want
+        return out
+
+    # A stop token the first prompt's answer meets midway: answers end there, stop included.
+    eos = [mlx_lm_greedy(prompts[0], [])[4]]
+    greedy = lambda logprobs: mx.argmax(logprobs, axis=-1)  # noqa: E731
+    answers = generate_answers(target, prompts, 12, greedy, eos, batch=2)
+    assert len(answers[0]) <= 5 and answers[0][-1] == eos[0]
+    for prompt, answer in zip(prompts, answers, strict=True):
+        assert answer == mlx_lm_greedy(prompt, eos)
 
 
 def test_training_forward_equals_inference_forward(target_dir: Path) -> None:
