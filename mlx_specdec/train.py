@@ -678,6 +678,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", type=int, default=d.anchors, help="blocks per sequence")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--draft-layers", type=int, default=d.draft_layers)
+    p.add_argument(
+        "--draft-heads", type=int, help="draft layers' attention heads (default: target's)"
+    )
+    p.add_argument(
+        "--draft-kv-heads", type=int, help="draft layers' KV heads (default: --draft-heads)"
+    )
+    p.add_argument(
+        "--draft-intermediate", type=int, help="draft layers' MLP width (default: target's)"
+    )
     p.add_argument("--markov-rank", type=int, default=d.markov_rank)
     p.add_argument(
         "--taps",

@@ -404,11 +404,15 @@ def drafter_data(work: Path, args: argparse.Namespace) -> dict:
 def drafter_options(kind: str, work: Path, scale: float, args: argparse.Namespace) -> object:
     from mlx_specdec.train import TrainOptions
 
-    steps = max(20, int((args.drafter_steps if kind == "dspark" else args.dflash_steps) * scale))
+    dspark = kind == "dspark"
+    steps = max(20, int((args.drafter_steps if dspark else args.dflash_steps) * scale))
     return TrainOptions(
         model=str(work / "target"), out=str(work / kind), kind=kind,
         data=str(work / "drafter_data.jsonl"), block_size=7,
         batch_size=args.drafter_batch, anchors=args.anchors, draft_layers=args.draft_layers,
+        draft_heads=args.dspark_heads if dspark else None,
+        draft_kv_heads=args.dspark_kv_heads if dspark else None,
+        draft_intermediate=args.dspark_intermediate if dspark else None,
         markov_rank=64, lr=args.drafter_lr, ce_weight=args.ce_weight, steps=steps,
         save_every=args.save_every, dtype="float16", resume=(work / kind / "train_state").is_dir(),
         progress=False, log_every=args.log_every or max(1, steps // 20),
@@ -431,7 +435,8 @@ def train_drafters(work: Path, scale: float, args: argparse.Namespace) -> dict:
         tail = max(1, len(result.losses) // 20)
         info = dict(
             steps=opts.steps, batch=opts.batch_size, anchors=opts.anchors, lr=opts.lr,
-            layers=opts.draft_layers, ce_weight=opts.ce_weight,
+            layers=opts.draft_layers, heads=opts.draft_heads, kv_heads=opts.draft_kv_heads,
+            intermediate=opts.draft_intermediate, ce_weight=opts.ce_weight,
             final_loss=float(np.mean(result.losses[-tail:])),
             train_accept=float(np.mean(result.accepts[-tail:])) if result.accepts else None,
             seconds=time.perf_counter() - t0,
@@ -465,11 +470,16 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=3000)
     ap.add_argument("--draft-lm-steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=128, help="LM training batch (sequences)")
-    ap.add_argument("--drafter-steps", type=int, default=4000, help="DSpark training steps")
+    ap.add_argument("--drafter-steps", type=int, default=8000, help="DSpark training steps")
     ap.add_argument("--dflash-steps", type=int, default=2000)
     ap.add_argument("--drafter-batch", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=48)
     ap.add_argument("--draft-layers", type=int, default=3)
+    # DSpark's layers are wider than the target's (MLP width costs little on a CPU, where a
+    # draft round is bound by the number of ops); DFlash keeps the target's widths.
+    ap.add_argument("--dspark-heads", type=int, default=4)
+    ap.add_argument("--dspark-kv-heads", type=int, default=2)
+    ap.add_argument("--dspark-intermediate", type=int, default=2048)
     ap.add_argument("--drafter-lr", type=float, default=2e-3)
     ap.add_argument("--ce-weight", type=float, default=0.5)
     ap.add_argument("--gen-tokens", type=int, default=160)

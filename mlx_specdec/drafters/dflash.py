@@ -34,6 +34,7 @@ from .layers import (
     attention_shape,
     pick,
     require_keys,
+    rms_norm,
     rope_parameters,
 )
 
@@ -133,7 +134,7 @@ class DFlashDrafter(nn.Module):
         self.tap_ids = config.target_layer_ids
         self.max_draft = config.block_size - 1
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.layers = [
             InjectedDecoderLayer(s, config.intermediate_size) for _ in range(config.num_layers)
         ]
@@ -146,7 +147,7 @@ class DFlashDrafter(nn.Module):
                     config.rope_scaling,
                     config.max_position_embeddings,
                 )
-        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         # The target, bound by `share_target_tensors`; a plain attribute so its weights are never
         # part of (or quantized with) ours.
         object.__setattr__(self, "_target", None)

@@ -25,6 +25,7 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
+    rms_norm,
 )
 
 ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -121,12 +122,12 @@ class DSparkDrafter(TargetCopies, nn.Module):
         self.max_draft = config.block_size
         self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.layers = [
             InjectedDecoderLayer(s, config.intermediate_size, gemma=config.gemma)
             for _ in range(config.num_layers)
         ]
-        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
         if config.markov_rank:
             self.markov_head = MarkovHead(config.vocab_size, config.markov_rank)

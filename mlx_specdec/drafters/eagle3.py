@@ -34,6 +34,7 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
+    rms_norm,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
@@ -104,7 +105,7 @@ class Eagle3Layer(InjectedDecoderLayer):
 
     def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
         super().__init__(s, intermediate_size, gemma=gemma)
-        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.self_attn = Eagle3Attention(s)
 
     def __call__(self, embeds: mx.array, hidden: mx.array, cache: KVCache) -> mx.array:
@@ -133,7 +134,7 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
         self.layers = [Eagle3Layer(s, config.intermediate_size, gemma=config.gemma)]
-        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
         object.__setattr__(self, "_shared", {})
         if config.gemma:

@@ -3,7 +3,9 @@ layer (Qwen3 or Gemma-4 style), and the quantize/share helpers every drafter loa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -33,6 +35,77 @@ class AttentionShape:
     k_eq_v: bool = False  # no v_proj: values are the k_proj output (before k_norm and RoPE)
     v_norm: bool = False  # values go through a weightless RMSNorm
     scale: float | None = None  # None: head_dim ** -0.5
+
+
+@cache
+def cpu_kernels() -> bool:
+    """Use the compiled norm and RoPE below? On MLX's CPU backend `mx.fast.rms_norm` and
+    `mx.fast.rope` run as chains of small ops (~50 and ~130 us a call on a 2-core x86), which
+    dominate a draft round; one compiled kernel does each in ~20-30 us. Needs the CPU backend
+    and a working kernel compiler (MLX builds CPU kernels with the system's C++ compiler);
+    `MLX_SPECDEC_CPU_KERNELS=0` turns them off. The drafters only: the target stays mlx-lm's."""
+    if mx.default_device() != mx.cpu or os.environ.get("MLX_SPECDEC_CPU_KERNELS") == "0":
+        return False
+    try:
+        mx.eval(mx.compile(lambda x: x * 2.0 + 1.0)(mx.ones((2,))))
+    except Exception:  # no compiler: the plain ops still work
+        return False
+    return True
+
+
+@mx.compile
+def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    xf = x.astype(mx.float32)
+    normed = xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(mx.result_type(x, weight))
+
+
+class CompiledRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same weight, same result up to rounding) as one compiled kernel, in float32
+    (what drafters run in on the CPU); other dtypes keep mx.fast's rounding."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float32:
+            return super().__call__(x)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(dims: int, eps: float) -> nn.RMSNorm:
+    return (CompiledRMSNorm if cpu_kernels() else nn.RMSNorm)(dims, eps=eps)
+
+
+@mx.compile
+def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+class TableRoPE(nn.Module):
+    """nn.RoPE (rotate-half, every dim rotated) from a cos/sin table of positions, grown on
+    demand: a slice and one compiled kernel per float32 call instead of mx.fast.rope's op
+    chain (other dtypes keep mx.fast.rope's rounding)."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self._dims, self._base = dims, base
+        self._inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        self._cos = self._sin = mx.zeros((0, dims // 2))
+        mx.eval(self._inv_freq, self._cos)  # not lazy: a server decodes on another thread
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if x.dtype != mx.float32:
+            return mx.fast.rope(
+                x, self._dims, traditional=False, base=self._base, scale=1.0, offset=offset
+            )
+        end = offset + x.shape[-2]
+        if end > self._cos.shape[0]:
+            positions = mx.arange(max(2 * end, 256), dtype=mx.float32)
+            angles = positions[:, None] * self._inv_freq[None]
+            self._cos, self._sin = mx.cos(angles), mx.sin(angles)
+            mx.eval(self._cos, self._sin)
+        cos, sin = self._cos[offset:end], self._sin[offset:end]
+        return _rotate_half(x, cos, sin)
 
 
 def _heads(x: mx.array, n: int, d: int) -> mx.array:
@@ -72,8 +145,8 @@ class InjectedAttention(nn.Module):
                 s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias
             )
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
-        self.q_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
+        self.q_norm = rms_norm(s.head_dim, s.rms_norm_eps)
+        self.k_norm = rms_norm(s.head_dim, s.rms_norm_eps)
         if s.v_norm:
             self.v_norm = RMSNormNoScale(s.head_dim, eps=s.rms_norm_eps)
         self.rope = make_rope(s)
@@ -127,13 +200,13 @@ class InjectedDecoderLayer(nn.Module):
     def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
         super().__init__()
         self.gemma = gemma
-        self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.input_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.self_attn = InjectedAttention(s)
-        self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
         self.mlp = (GeluMLP if gemma else MLP)(s.hidden_size, intermediate_size)
         if gemma:
-            self.pre_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-            self.post_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+            self.pre_feedforward_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
+            self.post_feedforward_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
             self.layer_scalar = mx.ones((1,))
 
     def __call__(
@@ -176,6 +249,8 @@ def make_rope(s: AttentionShape) -> nn.Module:
                 "partial_rotary_factor": s.partial_rotary_factor,
             },
         )
+    if cpu_kernels():
+        return TableRoPE(s.head_dim, s.rope_theta)
     return nn.RoPE(s.head_dim, traditional=False, base=s.rope_theta)
 
 
