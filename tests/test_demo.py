@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import mlx.nn as nn
 import pytest
 
 from mlx_specdec import baseline_generate, load_pair, speculative_generate
@@ -57,3 +58,27 @@ def test_generate_with_no_model_runs_the_demo():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "[dspark] 24 tokens" in out.stdout and "outputs identical" in out.stdout
+
+
+def _code_accept(target, tokenizer, drafter) -> float:
+    prompts = [p["prompt"] for p in PROMPTS if p["domain"] == "code"][:6]
+    rounds = [r for p in prompts for r in speculative_generate(
+        target, tokenizer, drafter, p, max_new_tokens=64).rounds]  # fmt: skip
+    return sum(len(r.committed) for r in rounds) / len(rounds)
+
+
+def test_demo_dspark_keeps_its_acceptance(monkeypatch):
+    """A floor under the shipped DSpark drafter's greedy accept length on held-out code: a broken
+    drafter layer keeps the output lossless (the target decides every token) but sinks this, as
+    a RoPE with the wrong frequencies shows."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target, tokenizer, drafter, _ = load_pair(mode="dspark", drafter_bits=32)
+    assert _code_accept(target, tokenizer, drafter) >= 2.7
+    for layer in drafter.layers:  # positions read 3x too fast
+        rope = layer.self_attn.rope
+        if isinstance(rope, nn.RoPE):
+            monkeypatch.setattr(rope, "scale", 3.0)
+        else:
+            monkeypatch.setattr(rope, "_inv_freq", rope._inv_freq * 3)
+            monkeypatch.setattr(rope, "_cos", rope._cos[:0])
+    assert _code_accept(target, tokenizer, drafter) < 2.7
