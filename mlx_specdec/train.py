@@ -11,9 +11,13 @@
    confidence head against 1 - L1/2; DFlash CE only. AdamW, linear warm-up then cosine decay,
    gradient clipping at 1.0. Embedding and output head are frozen copies of the target's.
 
-The result is a DeepSpec checkpoint (config = target config + DSpark keys, flat tensor names,
-safetensors), which `--drafter DIR` loads like a downloaded one. `--kind dflash` writes DeepSpec's
-DFlash layout (`Qwen3DSparkModel` with `markov_rank` 0 and no confidence head).
+The result loads with `--drafter DIR` like a downloaded checkpoint: `--kind dspark` writes
+DeepSpec's layout (config = target config + DSpark keys, flat tensor names, safetensors);
+`--kind dflash` writes z-lab's `DFlashDraftModel` (no embedding or head of its own, the DFlash keys
+in `dflash_config`, a block of the anchor row plus one mask row per draft, row k predicting the
+token at anchor + k), or with `--layout deepspec` DeepSpec's DFlash (`Qwen3DSparkModel` with
+`markov_rank` 0 and no confidence head). Both DFlash layouts train the same backbone; z-lab's
+block has one more row (its anchor row predicts nothing).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ STATE_DIR = "train_state"
 # (tens of seconds on CUDA), so few shapes beat tight padding.
 PAD_TO = 128
 DATA_FILE = "train_data.jsonl"
+# How a checkpoint is written: DeepSpec's (`Qwen3DSparkModel`; DSpark, or DFlash as the same class
+# without Markov and confidence heads) or z-lab's DFlash (`DFlashDraftModel`).
+LAYOUTS = {"dspark": ("deepspec",), "dflash": ("zlab", "deepspec")}  # first: the default
 
 
 @dataclass
@@ -53,6 +60,7 @@ class TrainOptions:
     model: str
     out: str
     kind: str = "dspark"
+    layout: str | None = None  # checkpoint layout: see LAYOUTS (default: the kind's own)
     prompts: str | None = None
     corpus: str | None = None
     steps: int = 1000
@@ -372,15 +380,17 @@ def _layer(
 
 
 def block_forward(
-    drafter: DSparkDrafter, taps: mx.array, ids: mx.array, anchors: mx.array
+    drafter: DSparkDrafter, taps: mx.array, ids: mx.array, anchors: mx.array, zlab: bool = False
 ) -> tuple[mx.array, mx.array | None]:
     """Draft logits (Markov-corrected, teacher-forced) and confidence logits of every block.
 
     taps [S, T, m*H], ids [S, T], anchors [S, A] -> logits [S, A, B, V], confidence [S, A, B].
+    `zlab`: z-lab's block, one row longer, whose rows 1..B give the B drafts.
     """
     cfg = drafter.config
     S, T = ids.shape
-    A, B = anchors.shape[1], cfg.block_size
+    A, drafts = anchors.shape[1], cfg.block_size
+    B = drafts + 1 if zlab else drafts  # rows per block
     offs = mx.arange(B)
     pos = (anchors[:, :, None] + offs).reshape(S, A * B)  # slot j of anchor p sits at p + j
     block = mx.concatenate(
@@ -414,7 +424,8 @@ def block_forward(
         if cfg.confidence_head:
             feats = mx.concatenate([h, e], axis=-1) if cfg.confidence_with_markov else h
             conf = drafter.confidence_head.proj(feats)[..., 0].reshape(S, A, B)
-    return logits.reshape(S, A, B, -1), conf
+    logits = logits.reshape(S, A, B, -1)
+    return (logits[:, :, 1:] if zlab else logits), conf
 
 
 def block_loss(
@@ -426,6 +437,7 @@ def block_loss(
     anchors: mx.array,
     anchor_ok: mx.array,
     ce_weight: float = 0.1,
+    zlab: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """The DeepSpec loss of a batch (see the module docstring), and the greedy accept length
     of its complete blocks (drafts the target's argmax agrees with, in a row, plus the bonus).
@@ -435,7 +447,7 @@ def block_loss(
     cfg = drafter.config
     S, T = ids.shape
     B = cfg.block_size
-    logits, conf = block_forward(drafter, taps, ids, anchors)
+    logits, conf = block_forward(drafter, taps, ids, anchors, zlab)
     label_pos = anchors[:, :, None] + mx.arange(1, B + 1)  # slot j predicts p + j + 1
     in_range = label_pos < T
     flat = mx.minimum(label_pos, T - 1).reshape(S, -1)
@@ -513,11 +525,36 @@ def _bar(it: Any, enabled: bool, desc: str, total: int | None = None, initial: i
     return tqdm(it, desc=desc, total=total, initial=initial, dynamic_ncols=True)
 
 
-def write_checkpoint(drafter: DSparkDrafter, config: dict[str, Any], out: Path, dtype: str) -> None:
-    """config.json + model.safetensors in DeepSpec's layout (flat names, no `model.` prefix)."""
+def zlab_layout(
+    config: dict[str, Any], weights: dict[str, mx.array]
+) -> tuple[dict[str, Any], dict[str, mx.array]]:
+    """A DeepSpec DFlash config and weights as z-lab's `DFlashDraftModel`: the DFlash keys move
+    into `dflash_config`, the block gains the anchor row, the target's embedding and head (which
+    z-lab always reads from the target) are not stored."""
+    deepspec = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors",
+                "enable_confidence_head", "markov_rank")  # fmt: skip
+    zlab = {k: v for k, v in config.items() if k not in deepspec}
+    zlab.update(
+        architectures=["DFlashDraftModel"],
+        block_size=config["block_size"] + 1,
+        dflash_config={
+            "mask_token_id": config["mask_token_id"],
+            "target_layer_ids": config["target_layer_ids"],
+        },
+    )
+    own = {k: v for k, v in weights.items() if not k.startswith(("embed_tokens.", "lm_head."))}
+    return zlab, own
+
+
+def write_checkpoint(
+    drafter: DSparkDrafter, config: dict[str, Any], out: Path, dtype: str, layout: str
+) -> None:
+    """config.json + model.safetensors in the given layout (flat names, no `model.` prefix)."""
     out.mkdir(parents=True, exist_ok=True)
     cast = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[dtype]
     weights = {k: v.astype(cast) for k, v in tree_flatten(drafter.parameters())}
+    if layout == "zlab":
+        config, weights = zlab_layout(config, weights)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(dict(config, torch_dtype=dtype), indent=2) + "\n")
 
@@ -583,10 +620,21 @@ def train_drafter(
     resuming = opts.resume and (out / STATE_DIR / "progress.json").is_file()
     if opts.resume and not resuming:
         raise SpecDecError(f"--resume: '{out}' holds no training state ({STATE_DIR}/)")
-    if resuming:
-        config = json.loads((out / "config.json").read_text())
+    layout = opts.layout or LAYOUTS[opts.kind][0]
+    if layout not in LAYOUTS[opts.kind]:
+        raise SpecDecError(
+            f"--layout {layout} is not a {opts.kind} layout; use {' or '.join(LAYOUTS[opts.kind])}"
+        )
+    trained_as = out / STATE_DIR / "drafter.json"  # the training config and layout
+    if resuming and trained_as.is_file():
+        saved = json.loads(trained_as.read_text())
+        config, layout = saved["config"], saved["layout"]
+    elif resuming:  # a state written before layouts: DeepSpec's, config.json as trained
+        config, layout = json.loads((out / "config.json").read_text()), "deepspec"
     else:
         config = drafter_config(target, tokenizer, opts)
+        trained_as.parent.mkdir(parents=True, exist_ok=True)
+        trained_as.write_text(json.dumps({"config": config, "layout": layout}) + "\n")
     mx.random.seed(opts.seed)
     drafter = init_drafter(target, config)
     target.set_taps(drafter.tap_ids)
@@ -606,7 +654,7 @@ def train_drafter(
     if resuming:
         step, losses = _load_state(out, drafter, opt)
     else:
-        write_checkpoint(drafter, config, out, opts.dtype)  # config first, so --resume can find it
+        write_checkpoint(drafter, config, out, opts.dtype, layout)
 
     loss_and_grad = nn.value_and_grad(drafter, block_loss)
     state = [drafter.state, opt.state, mx.random.state, target.model.state]
@@ -614,7 +662,8 @@ def train_drafter(
     def train_step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         ids = batch[0]
         logits, taps = target_pass(target, ids)
-        (loss, accept), grads = loss_and_grad(drafter, taps, logits, *batch, opts.ce_weight)
+        zlab = layout == "zlab"
+        (loss, accept), grads = loss_and_grad(drafter, taps, logits, *batch, opts.ce_weight, zlab)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(drafter, grads)
         return loss, accept
@@ -653,7 +702,7 @@ def train_drafter(
                       + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)  # fmt: skip
         if done % opts.save_every == 0 or done == opts.steps:
             _save_state(out, drafter, opt, done, losses, opts)
-            write_checkpoint(drafter, config, out, opts.dtype)
+            write_checkpoint(drafter, config, out, opts.dtype, layout)
     return TrainResult(out=out, losses=losses, steps_done=opts.steps, accepts=accepts)
 
 
@@ -662,6 +711,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainOptions(model="", out="")
     p.add_argument("--model", required=True, help="target: Hugging Face repo id or local folder")
     p.add_argument("--kind", choices=["dspark", "dflash"], default="dspark")
+    p.add_argument(
+        "--layout",
+        choices=["deepspec", "zlab"],
+        help="checkpoint layout (dspark: deepspec; dflash: zlab, z-lab's DFlashDraftModel, "
+        "the default, or deepspec)",
+    )
     p.add_argument("--out", required=True, help="folder for the drafter checkpoint")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", help="JSONL of chat prompts the target answers")

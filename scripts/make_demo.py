@@ -414,7 +414,8 @@ def drafter_options(kind: str, work: Path, scale: float, args: argparse.Namespac
         draft_kv_heads=args.dspark_kv_heads if dspark else None,
         draft_intermediate=args.dspark_intermediate if dspark else None,
         markov_rank=64, lr=args.drafter_lr, ce_weight=args.ce_weight, steps=steps,
-        save_every=args.save_every, dtype="float16", resume=(work / kind / "train_state").is_dir(),
+        save_every=args.save_every, dtype="float16", layout="deepspec",
+        resume=(work / kind / "train_state" / "progress.json").is_file(),
         progress=False, log_every=args.log_every or max(1, steps // 20),
     )  # fmt: skip
 

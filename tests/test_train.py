@@ -14,7 +14,7 @@ from mlx_lm.utils import _get_classes, save_config, save_model
 
 from mlx_specdec.cli import main
 from mlx_specdec.generate import encode_prompt, speculative_generate
-from mlx_specdec.loading import load_pair, load_target
+from mlx_specdec.loading import load_drafter, load_pair, load_target
 from mlx_specdec.train import (
     TrainOptions,
     block_forward,
@@ -23,6 +23,7 @@ from mlx_specdec.train import (
     generate_answers,
     init_drafter,
     target_pass,
+    write_checkpoint,
 )
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3" / "target"
@@ -174,3 +175,66 @@ def test_resume_without_state_is_a_clear_error(target_dir: Path, tmp_path: Path,
     args = ["train-drafter", "--model", str(target_dir), "--out", str(tmp_path / "x"), "--resume"]
     assert main(args) == 2
     assert "holds no training state" in capsys.readouterr().err
+
+
+def test_zlab_training_forward_equals_zlab_inference(target_dir: Path, tmp_path: Path) -> None:
+    """A DFlash drafter written in z-lab's layout, loaded as z-lab's DFlashDraftModel, drafts what
+    its training forward computed: block rows 1..7 are the drafts for anchor + 1..7."""
+    target, tokenizer = load_target(str(target_dir))
+    opts = TrainOptions(model="", out="", kind="dflash", draft_layers=2)
+    config = drafter_config(target, tokenizer, opts)
+    trained = init_drafter(target, config)
+    target.set_taps(trained.tap_ids)
+    mx.random.seed(2)
+    ids = mx.random.randint(0, 490, (2, 24)).astype(mx.int32)
+    _, taps = target_pass(target, ids)
+    anchors = mx.array([[4, 11], [2, 16]], dtype=mx.int32)
+    logits, _ = block_forward(trained, taps, ids, anchors, zlab=True)
+    assert logits.shape[2] == 7
+    write_checkpoint(trained, config, tmp_path, "float32", "zlab")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["architectures"] == ["DFlashDraftModel"] and written["block_size"] == 8
+    assert written["dflash_config"]["mask_token_id"] == config["mask_token_id"]
+    names = set(mx.load(str(tmp_path / "model.safetensors")))
+    assert "fc.weight" in names and not {"embed_tokens.weight", "lm_head.weight"} & names
+    drafter, _, _ = load_drafter(str(tmp_path), target, bits=32)
+    assert drafter.kind == "dflash" and drafter.max_draft == 7
+    masks = mx.full((7,), config["mask_token_id"], mx.int32)
+    for s in range(2):
+        for a in range(2):
+            p = anchors[s, a].item()
+            block = mx.concatenate([ids[s, p : p + 1], masks])
+            got = drafter.logits(block, taps[s, :p], drafter.new_state(), 7)
+            assert mx.allclose(got, logits[s, a], atol=1e-4).item(), (s, a)
+    # The DeepSpec reading of the same weights (no leading row) is another model.
+    deepspec, _ = block_forward(trained, taps, ids, anchors)
+    assert not mx.allclose(deepspec, logits, atol=1e-2).item()
+
+
+def test_train_dflash_writes_zlab_layout_and_is_lossless(target_dir: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"item {i} is"}) + "\n" for i in range(8)))
+    out = tmp_path / "dflash"
+    args = ["train-drafter", "--model", str(target_dir), "--kind", "dflash", "--out", str(out),
+            "--prompts", str(prompts), "--steps", "40", "--samples", "8", "--gen-tokens", "48",
+            "--batch-size", "4", "--anchors", "16", "--draft-layers", "1", "--lr", "3e-3",
+            "--temperature", "0"]  # fmt: skip
+    assert main(args) == 0
+    losses = json.loads((out / "train_state" / "progress.json").read_text())["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
+    target, tokenizer, drafter, config = load_pair(str(target_dir), str(out), drafter_bits=32)
+    assert config.mode == "dflash"
+    ids = encode_prompt(tokenizer, "item 5 is")
+    result = speculative_generate(target, tokenizer, drafter, ids, max_new_tokens=40)
+    reference = [int(t) for t, _ in generate_step(mx.array(ids), target.model, max_tokens=40)]
+    stop = next((i for i, t in enumerate(reference) if t in tokenizer.eos_token_ids), 40)
+    assert result.tokens == reference[:stop]
+    assert result.mean_accept_len > 1.05
+
+
+def test_layout_must_fit_the_kind(target_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["train-drafter", "--model", str(target_dir), "--out", str(tmp_path / "x"),
+            "--layout", "zlab"]  # fmt: skip
+    assert main(args) == 2
+    assert "--layout zlab is not a dspark layout" in capsys.readouterr().err
