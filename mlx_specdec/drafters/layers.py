@@ -81,6 +81,10 @@ def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+# cos/sin tables by (dims, base), shared by every TableRoPE: one per drafter, not one per layer.
+_ROPE_TABLES: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
+
+
 class TableRoPE(nn.Module):
     """nn.RoPE (rotate-half, every dim rotated) from a cos/sin table of positions, grown on
     demand: a slice and one compiled kernel per float32 call instead of mx.fast.rope's op
@@ -90,8 +94,16 @@ class TableRoPE(nn.Module):
         super().__init__()
         self._dims, self._base = dims, base
         self._inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-        self._cos = self._sin = mx.zeros((0, dims // 2))
-        mx.eval(self._inv_freq, self._cos)  # not lazy: a server decodes on another thread
+        mx.eval(self._inv_freq)  # not lazy: a server decodes on another thread
+
+    def _table(self, end: int) -> tuple[mx.array, mx.array]:
+        key = (self._dims, self._base)
+        table = _ROPE_TABLES.get(key)
+        if table is None or table[0].shape[0] < end:
+            angles = mx.arange(max(2 * end, 256), dtype=mx.float32)[:, None] * self._inv_freq
+            table = _ROPE_TABLES[key] = (mx.cos(angles), mx.sin(angles))
+            mx.eval(table)
+        return table
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if x.dtype != mx.float32:
@@ -99,13 +111,8 @@ class TableRoPE(nn.Module):
                 x, self._dims, traditional=False, base=self._base, scale=1.0, offset=offset
             )
         end = offset + x.shape[-2]
-        if end > self._cos.shape[0]:
-            positions = mx.arange(max(2 * end, 256), dtype=mx.float32)
-            angles = positions[:, None] * self._inv_freq[None]
-            self._cos, self._sin = mx.cos(angles), mx.sin(angles)
-            mx.eval(self._cos, self._sin)
-        cos, sin = self._cos[offset:end], self._sin[offset:end]
-        return _rotate_half(x, cos, sin)
+        cos, sin = self._table(end)
+        return _rotate_half(x, cos[offset:end], sin[offset:end])
 
 
 def _heads(x: mx.array, n: int, d: int) -> mx.array:
