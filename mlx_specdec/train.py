@@ -39,6 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .drafters.dspark import DSparkConfig, DSparkDrafter
+from .drafters.layers import rope_theta
 from .errors import SpecDecError
 from .target import Target
 
@@ -167,6 +168,11 @@ def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[s
         config["num_key_value_heads"] = opts.draft_kv_heads or config["num_attention_heads"]
     if opts.draft_intermediate:
         config["intermediate_size"] = opts.draft_intermediate
+    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
+    if min(heads, kv_heads) < 1 or heads % kv_heads:
+        raise SpecDecError(
+            f"--draft-heads ({heads}) must be a positive multiple of --draft-kv-heads ({kv_heads})"
+        )
     if dspark:
         config.update(confidence_head_with_markov=True, markov_head_type="vanilla")
     for key in ("confidence_head_with_markov", "markov_head_type"):
@@ -385,9 +391,11 @@ def block_forward(
     """Draft logits (Markov-corrected, teacher-forced) and confidence logits of every block.
 
     taps [S, T, m*H], ids [S, T], anchors [S, A] -> logits [S, A, B, V], confidence [S, A, B].
-    `zlab`: z-lab's block, one row longer, whose rows 1..B give the B drafts.
+    `zlab`: z-lab's block, one row longer, whose rows 1..B give the B drafts (DFlash only).
     """
     cfg = drafter.config
+    if zlab and (cfg.markov_rank or cfg.confidence_head):
+        raise SpecDecError("z-lab's layout is DFlash's: no Markov or confidence head")
     S, T = ids.shape
     A, drafts = anchors.shape[1], cfg.block_size
     B = drafts + 1 if zlab else drafts  # rows per block
@@ -534,7 +542,11 @@ def zlab_layout(
     deepspec = ("block_size", "mask_token_id", "target_layer_ids", "num_anchors",
                 "enable_confidence_head", "markov_rank")  # fmt: skip
     zlab = {k: v for k, v in config.items() if k not in deepspec}
+    # Plain RoPE, as trained (z-lab's loader would apply a target's YaRN & co.).
+    zlab.pop("rope_scaling", None)
+    zlab.pop("rope_parameters", None)
     zlab.update(
+        rope_theta=rope_theta(config),
         architectures=["DFlashDraftModel"],
         block_size=config["block_size"] + 1,
         dflash_config={
@@ -613,25 +625,43 @@ def train_drafter(
             "--steps, --batch-size, --anchors, gen_batch must be >= 1 and --block-size >= 2"
         )
     out = Path(opts.out)
-    if target is None:
-        from .loading import load_target
-
-        target, tokenizer = load_target(opts.model)
-    resuming = opts.resume and (out / STATE_DIR / "progress.json").is_file()
-    if opts.resume and not resuming:
-        raise SpecDecError(f"--resume: '{out}' holds no training state ({STATE_DIR}/)")
     layout = opts.layout or LAYOUTS[opts.kind][0]
     if layout not in LAYOUTS[opts.kind]:
         raise SpecDecError(
             f"--layout {layout} is not a {opts.kind} layout; use {' or '.join(LAYOUTS[opts.kind])}"
         )
+    resuming = opts.resume and (out / STATE_DIR / "progress.json").is_file()
+    if opts.resume and not resuming:
+        raise SpecDecError(f"--resume: '{out}' holds no training state ({STATE_DIR}/)")
+    if not opts.resume and (out / STATE_DIR / "progress.json").is_file():
+        raise SpecDecError(
+            f"'{out}' holds the state of an earlier run: pass --resume to continue it, or "
+            "choose another --out"
+        )
     trained_as = out / STATE_DIR / "drafter.json"  # the training config and layout
     if resuming and trained_as.is_file():
         saved = json.loads(trained_as.read_text())
-        config, layout = saved["config"], saved["layout"]
+        config, trained_layout = saved["config"], saved["layout"]
     elif resuming:  # a state written before layouts: DeepSpec's, config.json as trained
-        config, layout = json.loads((out / "config.json").read_text()), "deepspec"
-    else:
+        config, trained_layout = json.loads((out / "config.json").read_text()), "deepspec"
+        if config.get("architectures") != ["Qwen3DSparkModel"]:
+            raise SpecDecError(f"--resume: '{out}/{STATE_DIR}' lacks drafter.json")
+    if resuming:
+        trained_kind = "dspark" if config.get("enable_confidence_head") else "dflash"
+        if opts.kind != trained_kind:
+            raise SpecDecError(
+                f"--resume: '{out}' holds a {trained_kind} drafter; pass --kind {trained_kind}"
+            )
+        if opts.layout and opts.layout != trained_layout:
+            raise SpecDecError(
+                f"--resume: '{out}' was trained for the {trained_layout} layout, not {opts.layout}"
+            )
+        layout = trained_layout
+    if target is None:
+        from .loading import load_target
+
+        target, tokenizer = load_target(opts.model)
+    if not resuming:
         config = drafter_config(target, tokenizer, opts)
         trained_as.parent.mkdir(parents=True, exist_ok=True)
         trained_as.write_text(json.dumps({"config": config, "layout": layout}) + "\n")

@@ -21,7 +21,7 @@ keeps its result in `--work` and is skipped when that result is there; the LM an
 trainings save their state as they go, so a run cut short continues where it stopped. Runs on
 Metal, CUDA or (slowly) CPU; on a Linux CPU preload OpenBLAS (`mlx_specdec.machine`):
 
-    python scripts/make_demo.py --out mlx_specdec/demo    # full size: ~15 minutes on one H100
+    python scripts/make_demo.py --out mlx_specdec/demo    # full size: ~20 minutes on one H100
     python scripts/make_demo.py --out /tmp/demo --work /tmp/demo-work --scale 0.003 --batch 16 \
         --drafter-batch 8 --gen-tokens 48       # every stage, briefly: ~2 minutes on 2 cores
 

@@ -211,7 +211,9 @@ def test_zlab_training_forward_equals_zlab_inference(target_dir: Path, tmp_path:
     assert not mx.allclose(deepspec, logits, atol=1e-2).item()
 
 
-def test_train_dflash_writes_zlab_layout_and_is_lossless(target_dir: Path, tmp_path: Path) -> None:
+def test_train_dflash_writes_zlab_layout_and_is_lossless(
+    target_dir: Path, tmp_path: Path, capsys
+) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"item {i} is"}) + "\n" for i in range(8)))
     out = tmp_path / "dflash"
@@ -231,6 +233,12 @@ def test_train_dflash_writes_zlab_layout_and_is_lossless(target_dir: Path, tmp_p
     stop = next((i for i, t in enumerate(reference) if t in tokenizer.eos_token_ids), 40)
     assert result.tokens == reference[:stop]
     assert result.mean_accept_len > 1.05
+    resume = ["train-drafter", "--model", str(target_dir), "--kind", "dflash", "--out", str(out),
+              "--resume", "--steps", "50", "--layout", "deepspec"]  # fmt: skip
+    assert main(resume) == 2
+    assert "was trained for the zlab layout, not deepspec" in capsys.readouterr().err
+    assert main(resume[:-2]) == 0  # the saved layout, unsaid
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
 
 
 def test_layout_must_fit_the_kind(target_dir: Path, tmp_path: Path, capsys) -> None:
@@ -238,3 +246,21 @@ def test_layout_must_fit_the_kind(target_dir: Path, tmp_path: Path, capsys) -> N
             "--layout", "zlab"]  # fmt: skip
     assert main(args) == 2
     assert "--layout zlab is not a dspark layout" in capsys.readouterr().err
+
+
+def test_earlier_state_is_never_overwritten_or_mixed(
+    target_dir: Path, trained: tuple[Path, list], capsys
+) -> None:
+    out, _ = trained
+    base = ["train-drafter", "--model", str(target_dir), "--out", str(out)]
+    assert main(base) == 2  # a fresh run would overwrite the saved state
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main([*base, "--resume", "--kind", "dflash"]) == 2
+    assert "holds a dspark drafter; pass --kind dspark" in capsys.readouterr().err
+
+
+def test_draft_heads_must_divide(target_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["train-drafter", "--model", str(target_dir), "--out", str(tmp_path / "x"),
+            "--draft-heads", "3", "--draft-kv-heads", "2"]  # fmt: skip
+    assert main(args) == 2
+    assert "must be a positive multiple of --draft-kv-heads" in capsys.readouterr().err

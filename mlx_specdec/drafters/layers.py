@@ -101,8 +101,9 @@ class TableRoPE(nn.Module):
         table = _ROPE_TABLES.get(key)
         if table is None or table[0].shape[0] < end:
             angles = mx.arange(max(2 * end, 256), dtype=mx.float32)[:, None] * self._inv_freq
-            table = _ROPE_TABLES[key] = (mx.cos(angles), mx.sin(angles))
-            mx.eval(table)
+            table = (mx.cos(angles), mx.sin(angles))
+            mx.eval(table)  # evaluated before it is shared
+            _ROPE_TABLES[key] = table
         return table
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
