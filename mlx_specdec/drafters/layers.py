@@ -40,8 +40,8 @@ class AttentionShape:
 @cache
 def cpu_kernels() -> bool:
     """Use the compiled norm and RoPE below? On MLX's CPU backend `mx.fast.rms_norm` and
-    `mx.fast.rope` run as chains of small ops (~50 and ~130 us a call on a 2-core x86), which
-    dominate a draft round; one compiled kernel does each in ~20-30 us. Needs the CPU backend
+    `mx.fast.rope` run as chains of small ops, several times the cost of one compiled kernel,
+    and a draft round makes dozens of such calls. Needs the CPU backend
     and a working kernel compiler (MLX builds CPU kernels with the system's C++ compiler);
     `MLX_SPECDEC_CPU_KERNELS=0` turns them off. The drafters only: the target stays mlx-lm's."""
     if mx.default_device() != mx.cpu or os.environ.get("MLX_SPECDEC_CPU_KERNELS") == "0":
