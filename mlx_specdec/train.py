@@ -47,6 +47,7 @@ HELP = "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)"
 LOSS_DECAY = 4.0  # slot k weighs exp(-k / LOSS_DECAY)
 CORPUS_SUFFIXES = (".py", ".txt", ".md", ".rst")
 STATE_DIR = "train_state"
+TRAINED_AS = "drafter.json"  # in STATE_DIR: the training config and checkpoint layout
 # Batches are right-padded to a multiple of this many tokens: every new shape costs a compile
 # (tens of seconds on CUDA), so few shapes beat tight padding.
 PAD_TO = 128
@@ -159,6 +160,11 @@ def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[s
         vocab_size=target.vocab_size,
         layer_types=["full_attention"] * opts.draft_layers,
     )
+    widths = {"--draft-heads": opts.draft_heads, "--draft-kv-heads": opts.draft_kv_heads,
+              "--draft-intermediate": opts.draft_intermediate}  # fmt: skip
+    for flag, value in widths.items():
+        if value is not None and value < 1:
+            raise SpecDecError(f"{flag} must be >= 1, got {value}")
     if opts.draft_heads:
         config["num_attention_heads"] = opts.draft_heads
         config.setdefault(
@@ -169,9 +175,9 @@ def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[s
     if opts.draft_intermediate:
         config["intermediate_size"] = opts.draft_intermediate
     heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
-    if min(heads, kv_heads) < 1 or heads % kv_heads:
+    if heads % kv_heads:
         raise SpecDecError(
-            f"--draft-heads ({heads}) must be a positive multiple of --draft-kv-heads ({kv_heads})"
+            f"--draft-heads ({heads}) must be a multiple of --draft-kv-heads ({kv_heads})"
         )
     if dspark:
         config.update(confidence_head_with_markov=True, markov_head_type="vanilla")
@@ -614,6 +620,26 @@ def schedule(opts: TrainOptions) -> Callable[[mx.array], mx.array]:
     )
 
 
+def _saved_config(out: Path, opts: TrainOptions) -> tuple[dict[str, Any], str]:
+    """The training config and layout of the run saved in `out`, checked against `opts`."""
+    saved = out / STATE_DIR / TRAINED_AS
+    if saved.is_file():
+        info = json.loads(saved.read_text())
+        config, layout = info["config"], info["layout"]
+    else:  # a state written before layouts: DeepSpec's, config.json as trained
+        config, layout = json.loads((out / "config.json").read_text()), "deepspec"
+        if config.get("architectures") != ["Qwen3DSparkModel"]:
+            raise SpecDecError(f"--resume: '{out}/{STATE_DIR}' lacks {TRAINED_AS}")
+    kind = "dspark" if config.get("enable_confidence_head") else "dflash"
+    if opts.kind != kind:
+        raise SpecDecError(f"--resume: '{out}' holds a {kind} drafter; pass --kind {kind}")
+    if opts.layout and opts.layout != layout:
+        raise SpecDecError(
+            f"--resume: '{out}' was trained for the {layout} layout, not {opts.layout}"
+        )
+    return config, layout
+
+
 def train_drafter(
     opts: TrainOptions, target: Target | None = None, tokenizer: Any = None
 ) -> TrainResult:
@@ -638,33 +664,18 @@ def train_drafter(
             f"'{out}' holds the state of an earlier run: pass --resume to continue it, or "
             "choose another --out"
         )
-    trained_as = out / STATE_DIR / "drafter.json"  # the training config and layout
-    if resuming and trained_as.is_file():
-        saved = json.loads(trained_as.read_text())
-        config, trained_layout = saved["config"], saved["layout"]
-    elif resuming:  # a state written before layouts: DeepSpec's, config.json as trained
-        config, trained_layout = json.loads((out / "config.json").read_text()), "deepspec"
-        if config.get("architectures") != ["Qwen3DSparkModel"]:
-            raise SpecDecError(f"--resume: '{out}/{STATE_DIR}' lacks drafter.json")
     if resuming:
-        trained_kind = "dspark" if config.get("enable_confidence_head") else "dflash"
-        if opts.kind != trained_kind:
-            raise SpecDecError(
-                f"--resume: '{out}' holds a {trained_kind} drafter; pass --kind {trained_kind}"
-            )
-        if opts.layout and opts.layout != trained_layout:
-            raise SpecDecError(
-                f"--resume: '{out}' was trained for the {trained_layout} layout, not {opts.layout}"
-            )
-        layout = trained_layout
+        config, layout = _saved_config(out, opts)
     if target is None:
         from .loading import load_target
 
         target, tokenizer = load_target(opts.model)
     if not resuming:
         config = drafter_config(target, tokenizer, opts)
-        trained_as.parent.mkdir(parents=True, exist_ok=True)
-        trained_as.write_text(json.dumps({"config": config, "layout": layout}) + "\n")
+        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        (out / STATE_DIR / TRAINED_AS).write_text(
+            json.dumps({"config": config, "layout": layout}) + "\n"
+        )
     mx.random.seed(opts.seed)
     drafter = init_drafter(target, config)
     target.set_taps(drafter.tap_ids)
@@ -687,12 +698,12 @@ def train_drafter(
         write_checkpoint(drafter, config, out, opts.dtype, layout)
 
     loss_and_grad = nn.value_and_grad(drafter, block_loss)
+    zlab = layout == "zlab"
     state = [drafter.state, opt.state, mx.random.state, target.model.state]
 
     def train_step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         ids = batch[0]
         logits, taps = target_pass(target, ids)
-        zlab = layout == "zlab"
         (loss, accept), grads = loss_and_grad(drafter, taps, logits, *batch, opts.ce_weight, zlab)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(drafter, grads)

@@ -263,4 +263,6 @@ def test_draft_heads_must_divide(target_dir: Path, tmp_path: Path, capsys) -> No
     args = ["train-drafter", "--model", str(target_dir), "--out", str(tmp_path / "x"),
             "--draft-heads", "3", "--draft-kv-heads", "2"]  # fmt: skip
     assert main(args) == 2
-    assert "must be a positive multiple of --draft-kv-heads" in capsys.readouterr().err
+    assert "must be a multiple of --draft-kv-heads" in capsys.readouterr().err
+    assert main([*args[:-4], "--draft-intermediate", "0"]) == 2
+    assert "--draft-intermediate must be >= 1, got 0" in capsys.readouterr().err
