@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
@@ -102,17 +103,26 @@ def test_generated_answers_are_greedy_decoding(target_dir: Path) -> None:
         assert answer == mlx_lm_greedy(prompt, eos)
 
 
-def test_training_forward_equals_inference_forward(target_dir: Path) -> None:
-    """Blocks trained all at once with a mask see exactly what one block sees at inference."""
+ANCHORS = mx.array([[4, 11], [2, 16]], dtype=mx.int32)
+
+
+def fresh_drafter_and_batch(target_dir: Path, seed: int, **options: Any) -> tuple:
+    """(target, training config, fresh drafter, ids [2, 24], their taps) for a forward check."""
     target, tokenizer = load_target(str(target_dir))
-    opts = TrainOptions(model="", out="", draft_layers=2, markov_rank=16)
-    config = drafter_config(target, tokenizer, opts)
+    config = drafter_config(target, tokenizer, TrainOptions(model="", out="", **options))
     drafter = init_drafter(target, config)
     target.set_taps(drafter.tap_ids)
-    mx.random.seed(1)
+    mx.random.seed(seed)
     ids = mx.random.randint(0, 490, (2, 24)).astype(mx.int32)
-    _, taps = target_pass(target, ids)
-    anchors = mx.array([[4, 11], [2, 16]], dtype=mx.int32)
+    return target, config, drafter, ids, target_pass(target, ids)[1]
+
+
+def test_training_forward_equals_inference_forward(target_dir: Path) -> None:
+    """Blocks trained all at once with a mask see exactly what one block sees at inference."""
+    _, config, drafter, ids, taps = fresh_drafter_and_batch(
+        target_dir, 1, draft_layers=2, markov_rank=16
+    )
+    anchors = ANCHORS
     logits, _ = block_forward(drafter, taps, ids, anchors)
     mask = mx.full((6,), config["mask_token_id"], mx.int32)
     markov = drafter.markov_head
@@ -180,15 +190,10 @@ def test_resume_without_state_is_a_clear_error(target_dir: Path, tmp_path: Path,
 def test_zlab_training_forward_equals_zlab_inference(target_dir: Path, tmp_path: Path) -> None:
     """A DFlash drafter written in z-lab's layout, loaded as z-lab's DFlashDraftModel, drafts what
     its training forward computed: block rows 1..7 are the drafts for anchor + 1..7."""
-    target, tokenizer = load_target(str(target_dir))
-    opts = TrainOptions(model="", out="", kind="dflash", draft_layers=2)
-    config = drafter_config(target, tokenizer, opts)
-    trained = init_drafter(target, config)
-    target.set_taps(trained.tap_ids)
-    mx.random.seed(2)
-    ids = mx.random.randint(0, 490, (2, 24)).astype(mx.int32)
-    _, taps = target_pass(target, ids)
-    anchors = mx.array([[4, 11], [2, 16]], dtype=mx.int32)
+    target, config, trained, ids, taps = fresh_drafter_and_batch(
+        target_dir, 2, kind="dflash", draft_layers=2
+    )
+    anchors = ANCHORS
     logits, _ = block_forward(trained, taps, ids, anchors, zlab=True)
     assert logits.shape[2] == 7
     write_checkpoint(trained, config, tmp_path, "float32", "zlab")
