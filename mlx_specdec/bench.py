@@ -299,6 +299,24 @@ def _rewind(state: Any, n: int) -> None:
                 c.trim(n)
 
 
+def baseline_step_ms(target: Target, context_len: int, reps: int = 20) -> float:
+    """Median time of one decode step of mlx-lm's own model (what the baseline runs, without
+    this project's CPU kernels) on a context of `context_len` tokens."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ids = mx.random.randint(0, target.vocab_size, (context_len + 1,), key=mx.random.key(0))
+    cache = make_prompt_cache(target.model)
+    mx.eval(target.model(ids[None, :context_len], cache=cache))
+
+    def step() -> mx.array:
+        logits = target.model(ids[None, context_len:], cache=cache)
+        mx.eval(logits)
+        Target.rollback(cache, 1)
+        return logits
+
+    return _median_ms(step, reps)
+
+
 def measure_costs(
     target: Target,
     drafter: Drafter | None,

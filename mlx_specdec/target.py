@@ -4,6 +4,8 @@ One forward returns the logits *and* the taps (the residual-stream outputs of th
 a drafter listens to) from the same pass. Taps are captured by swapping the class of the tapped
 layers for a subclass that records its output, so parameter names, quantization and
 `load_weights` are untouched and no family's forward loop is copied here.
+On the CPU the forward runs a weight-sharing copy of the model with compiled stand-ins for
+mx.fast's norm and RoPE (bit-identical, `kernels.py`); `Target.model` stays mlx-lm's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import SpecDecError
+from .kernels import cpu_kernels, with_cpu_kernels
 
 PREFILL_STEP = 512
 
@@ -105,14 +108,26 @@ class PaddedKVCache(KVCache):
 class Target:
     """An mlx-lm causal LM seen as `ids -> (logits, taps)` with a rollback-able cache."""
 
-    def __init__(self, model: nn.Module, config: dict | None = None, name: str = "target"):
-        self.model = model
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict | None = None,
+        name: str = "target",
+        *,
+        stand_ins: bool | None = None,
+    ):
+        self.model = model  # as mlx-lm made it: mlx-lm's own decoding of it is the baseline
         self.config = config or {}
         self.name = name
-        language = getattr(model, "language_model", model)
+        # Our forward runs a copy sharing its weights, with the CPU stand-ins for mx.fast's
+        # norm and RoPE (bit-identical results, see kernels.py); `stand_ins` (default: where
+        # they pay) says whether.
+        self.stand_ins = cpu_kernels() if stand_ins is None else stand_ins
+        ours = with_cpu_kernels(model) if self.stand_ins else model
+        language = getattr(ours, "language_model", ours)
         self._language = language
         self.inner = language.model
-        self.layers = model.layers
+        self.layers = ours.layers
         self.num_layers = len(self.layers)
         self._sink = _TapSink()
         self.tap_ids: tuple[int, ...] = ()

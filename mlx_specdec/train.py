@@ -670,6 +670,8 @@ def train_drafter(
         from .loading import load_target
 
         target, tokenizer = load_target(opts.model)
+    if target.stand_ins:  # a compiled step cannot read the stand-ins' shared RoPE tables
+        target = Target(target.model, target.config, name=target.name, stand_ins=False)
     if not resuming:
         config = drafter_config(target, tokenizer, opts)
         (out / STATE_DIR).mkdir(parents=True, exist_ok=True)

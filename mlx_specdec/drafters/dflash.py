@@ -23,6 +23,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import SpecDecError
+from ..kernels import rms_norm
 from ..sampling import SamplingParams
 from ..target import Target, kv_cache
 from .base import Proposal
@@ -34,7 +35,6 @@ from .layers import (
     attention_shape,
     pick,
     require_keys,
-    rms_norm,
     rope_parameters,
 )
 

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SpecDecError
+from ..kernels import rms_norm
 from ..sampling import SamplingParams
 from ..target import kv_cache
 from .base import Proposal
@@ -25,7 +26,6 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
-    rms_norm,
 )
 
 ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")

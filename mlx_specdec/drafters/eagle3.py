@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SpecDecError
+from ..kernels import rms_norm
 from ..sampling import SamplingParams
 from .base import Proposal
 from .dspark import _check_gemma4
@@ -34,7 +35,6 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
-    rms_norm,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")

@@ -3,9 +3,7 @@ layer (Qwen3 or Gemma-4 style), and the quantize/share helpers every drafter loa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
-from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -16,6 +14,7 @@ from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
 from ..errors import SpecDecError
+from ..kernels import TableRoPE, cpu_kernels, rms_norm
 from ..sampling import SamplingParams, draw, probs
 from ..target import PaddedKVCache
 
@@ -35,85 +34,6 @@ class AttentionShape:
     k_eq_v: bool = False  # no v_proj: values are the k_proj output (before k_norm and RoPE)
     v_norm: bool = False  # values go through a weightless RMSNorm
     scale: float | None = None  # None: head_dim ** -0.5
-
-
-@cache
-def cpu_kernels() -> bool:
-    """Use the compiled norm and RoPE below? On MLX's CPU backend `mx.fast.rms_norm` and
-    `mx.fast.rope` run as chains of small ops, several times the cost of one compiled kernel,
-    and a draft round makes dozens of such calls. Needs the CPU backend
-    and a working kernel compiler (MLX builds CPU kernels with the system's C++ compiler);
-    `MLX_SPECDEC_CPU_KERNELS=0` turns them off. The drafters only: the target stays mlx-lm's."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLX_SPECDEC_CPU_KERNELS") == "0":
-        return False
-    try:
-        mx.eval(mx.compile(lambda x: x * 2.0 + 1.0)(mx.ones((2,))))
-    except Exception:  # no compiler: the plain ops still work
-        return False
-    return True
-
-
-@mx.compile
-def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
-    xf = x.astype(mx.float32)
-    normed = xf * mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(mx.result_type(x, weight))
-
-
-class CompiledRMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same weight, same result up to rounding) as one compiled kernel, in float32
-    (what drafters run in on the CPU); other dtypes keep mx.fast's rounding."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype != mx.float32:
-            return super().__call__(x)
-        return _rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(dims: int, eps: float) -> nn.RMSNorm:
-    return (CompiledRMSNorm if cpu_kernels() else nn.RMSNorm)(dims, eps=eps)
-
-
-@mx.compile
-def _rotate_half(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-# cos/sin tables by (dims, base), shared by every TableRoPE: one per drafter, not one per layer.
-_ROPE_TABLES: dict[tuple[int, float], tuple[mx.array, mx.array]] = {}
-
-
-class TableRoPE(nn.Module):
-    """nn.RoPE (rotate-half, every dim rotated) from a cos/sin table of positions, grown on
-    demand: a slice and one compiled kernel per float32 call instead of mx.fast.rope's op
-    chain (other dtypes keep mx.fast.rope's rounding)."""
-
-    def __init__(self, dims: int, base: float):
-        super().__init__()
-        self._dims, self._base = dims, base
-        self._inv_freq = base ** (-mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-        mx.eval(self._inv_freq)  # not lazy: a server decodes on another thread
-
-    def _table(self, end: int) -> tuple[mx.array, mx.array]:
-        key = (self._dims, self._base)
-        table = _ROPE_TABLES.get(key)
-        if table is None or table[0].shape[0] < end:
-            angles = mx.arange(max(2 * end, 256), dtype=mx.float32)[:, None] * self._inv_freq
-            table = (mx.cos(angles), mx.sin(angles))
-            mx.eval(table)  # evaluated before it is shared
-            _ROPE_TABLES[key] = table
-        return table
-
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        if x.dtype != mx.float32:
-            return mx.fast.rope(
-                x, self._dims, traditional=False, base=self._base, scale=1.0, offset=offset
-            )
-        end = offset + x.shape[-2]
-        cos, sin = self._table(end)
-        return _rotate_half(x, cos[offset:end], sin[offset:end])
 
 
 def _heads(x: mx.array, n: int, d: int) -> mx.array:

@@ -1,0 +1,117 @@
+"""The CPU stand-ins for mx.fast's norm and RoPE give mx.fast's results bit for bit, and the
+target and drafters use them on the CPU (leaving mlx-lm's model as it was)."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from conftest import target_config
+from mlx_lm.utils import _get_classes
+
+from mlx_specdec import kernels
+from mlx_specdec.demo import DEMO_DIR
+from mlx_specdec.drafters.dspark import build
+from mlx_specdec.target import Target
+
+CPU_ONLY = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")
+
+
+@pytest.fixture
+def fresh_switch():
+    kernels.cpu_kernels.cache_clear()
+    yield
+    kernels.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dims", [64, 128, 2560])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_compiled_rms_norm_is_bit_identical(dims, dtype):
+    for rows, eps in [(1, 1e-6), (8, 1e-5), (33, 1e-6)]:
+        x = (mx.random.normal((1, rows, dims), key=mx.random.key(rows)) * 7).astype(dtype)
+        ref, ours = nn.RMSNorm(dims, eps=eps), kernels.CompiledRMSNorm(dims, eps=eps)
+        ref.weight = ours.weight = mx.random.normal((dims,), key=mx.random.key(2)).astype(dtype)
+        a, b = ref(x), ours(x)
+        assert b.dtype == a.dtype and mx.array_equal(a, b).item(), (rows, eps)
+
+
+@pytest.mark.parametrize("dims,base", [(64, 10000.0), (128, 1e6), (128, 5e5)])
+def test_table_rope_is_bit_identical_and_grows(dims, base, monkeypatch):
+    monkeypatch.setattr(kernels, "_ROPE_TABLES", {})
+    rope, ref = kernels.TableRoPE(dims, base), nn.RoPE(dims, traditional=False, base=base)
+    for heads, rows in [(1, 1), (4, 8), (2, 37)]:
+        x = mx.random.normal((1, heads, rows, dims), key=mx.random.key(rows)) * 3
+        for offset in (0, 1, 250, 600, 5000):  # 250 + 8 and on outgrow the table
+            assert mx.array_equal(ref(x, offset=offset), rope(x, offset=offset)).item(), offset
+    assert kernels._ROPE_TABLES[(dims, base)][0].shape[0] >= 5037  # one table, grown
+
+
+def test_table_rope_frequencies_are_what_makes_it_exact():
+    """The check can fail: the textbook base ** (-2i/d) frequencies round differently."""
+    x = mx.random.normal((1, 2, 8, 64), key=mx.random.key(3))
+    rope = kernels.TableRoPE(64, 10000.0)
+    rope._inv_freq = 10000.0 ** (-mx.arange(0, 64, 2, dtype=mx.float32) / 64)
+    kernels._ROPE_TABLES.pop((64, 10000.0), None)
+    try:
+        ref = nn.RoPE(64, base=10000.0)(x, offset=300)
+        assert not mx.array_equal(ref, rope(x, offset=300)).item()
+    finally:
+        kernels._ROPE_TABLES.pop((64, 10000.0), None)
+
+
+def test_table_rope_leaves_other_cases_to_mx_fast():
+    rope = kernels.TableRoPE(32, 10000.0)  # partial rotary: 32 of 64 dims
+    ref = nn.RoPE(32, base=10000.0)
+    x = mx.random.normal((1, 2, 5, 64), key=mx.random.key(4))
+    assert mx.array_equal(ref(x, offset=9), rope(x, offset=9)).item()
+    half = x[..., :32].astype(mx.bfloat16)
+    assert mx.array_equal(ref(half, offset=9), rope(half, offset=9)).item()
+    at = mx.array(9)  # an array offset (mlx-lm's batched caches)
+    assert mx.array_equal(ref(x[..., :32], offset=at), rope(x[..., :32], offset=at)).item()
+
+
+def _tiny_model(seed: int = 0) -> nn.Module:
+    model_class, args_class = _get_classes(target_config())
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(target_config()))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_with_cpu_kernels_shares_weights_and_leaves_the_model_alone():
+    model = _tiny_model()
+    ours = kernels.with_cpu_kernels(model)
+    layer, theirs = ours.layers[0], model.layers[0]
+    assert type(layer.input_layernorm) is kernels.CompiledRMSNorm
+    assert type(layer.self_attn.rope) is kernels.TableRoPE
+    assert type(theirs.input_layernorm) is nn.RMSNorm and type(theirs.self_attn.rope) is nn.RoPE
+    assert layer is not theirs and layer.mlp.up_proj.weight is theirs.mlp.up_proj.weight
+    assert layer.input_layernorm.weight is theirs.input_layernorm.weight
+    ids = mx.array([[5, 17, 99, 3, 250, 7, 7, 1]])
+    assert mx.array_equal(ours(ids), model(ids)).item()
+
+
+@CPU_ONLY
+def test_target_runs_the_stand_ins_on_the_cpu_unless_turned_off(fresh_switch, monkeypatch):
+    model = _tiny_model()
+    target = Target(model, target_config())
+    assert type(target.layers[0].input_layernorm) is kernels.CompiledRMSNorm
+    assert target.model is model and type(model.layers[0].self_attn.rope) is nn.RoPE
+    ids = mx.array([5, 17, 99, 3, 250, 7, 7, 1])
+    logits, _ = target(ids, target.make_cache())
+    assert mx.array_equal(logits, model(ids[None])[0]).item()
+    monkeypatch.setenv("MLX_SPECDEC_CPU_KERNELS", "0")
+    kernels.cpu_kernels.cache_clear()
+    assert Target(model, target_config()).layers[0] is model.layers[0]
+
+
+@CPU_ONLY
+def test_drafters_use_them_on_the_cpu_unless_turned_off(fresh_switch, monkeypatch):
+    config = json.loads((DEMO_DIR / "dspark" / "config.json").read_text())
+    attn = build(config, "demo").layers[0].self_attn
+    assert isinstance(attn.rope, kernels.TableRoPE)
+    assert isinstance(attn.q_norm, kernels.CompiledRMSNorm)
+    monkeypatch.setenv("MLX_SPECDEC_CPU_KERNELS", "0")
+    kernels.cpu_kernels.cache_clear()
+    attn = build(config, "demo").layers[0].self_attn
+    assert type(attn.rope) is nn.RoPE and type(attn.q_norm) is nn.RMSNorm
