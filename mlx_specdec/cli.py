@@ -111,7 +111,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def cpu_blas_note() -> str | None:
     """On a Linux CPU, MLX's bundled BLAS makes verifying K tokens cost about K plain steps, so
-    speculation loses; a preloaded OpenBLAS fixes that. The note says how, or None."""
+    speculation gains little or loses; a preloaded OpenBLAS fixes that. The note says how, or None."""
     import glob
     import platform
 
@@ -131,7 +131,7 @@ def cpu_blas_note() -> str | None:
     )
     return (
         "mlx-specdec: note: on this Linux CPU MLX's bundled BLAS makes verifying several tokens "
-        f"cost about as much as several plain steps, so speculation will likely be slower; use "
+        f"cost about as much as several plain steps, so speculation gains little or loses; use "
         f"OpenBLAS: {how}"
     )
 
