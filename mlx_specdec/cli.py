@@ -111,7 +111,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def cpu_blas_note() -> str | None:
     """On a Linux CPU, MLX's bundled BLAS makes verifying K tokens cost about K plain steps, so
-    speculation gains little or loses; a preloaded OpenBLAS fixes that. The note says how, or None."""
+    speculation gains little or loses; a preloaded OpenBLAS fixes that. The note says how, or
+    None."""
     import glob
     import platform
 
