@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import SpecDecError
 
@@ -109,26 +109,63 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cpu_blas_note() -> str | None:
-    """On a Linux CPU, MLX's bundled BLAS makes verifying K tokens cost about K plain steps, so
-    speculation gains little or loses; a preloaded OpenBLAS fixes that. The note says how, or
-    None."""
+def system_openblas() -> str | None:
+    """The path of the system's OpenBLAS (Debian/Ubuntu `libopenblas0-pthread` and similar)."""
     import glob
+
+    found = sorted(glob.glob("/usr/lib/*/openblas-pthread/libopenblas.so.0"))
+    found += sorted(glob.glob("/usr/lib*/libopenblas*.so.0"))
+    return found[0] if found else None
+
+
+def openblas_env(env: Mapping[str, str], library: str | None) -> dict[str, str] | None:
+    """The environment to restart under so that MLX's CPU matmuls use `library` (an OpenBLAS),
+    or None: none found, already preloaded, or turned off with MLX_SPECDEC_OPENBLAS=0.
+    One OpenBLAS thread unless OPENBLAS_NUM_THREADS says otherwise (the README's setting)."""
+    preload = env.get("LD_PRELOAD", "")
+    if library is None or "openblas" in preload.lower() or env.get("MLX_SPECDEC_OPENBLAS") == "0":
+        return None
+    return {
+        **env,
+        "LD_PRELOAD": f"{library}:{preload}" if preload else library,
+        "OPENBLAS_NUM_THREADS": env.get("OPENBLAS_NUM_THREADS", "1"),
+    }
+
+
+def _on_linux_cpu() -> bool:
     import platform
 
     import mlx.core as mx
 
-    if platform.system() != "Linux" or mx.default_device() != mx.cpu:
+    return platform.system() == "Linux" and mx.default_device() == mx.cpu
+
+
+def restart_with_openblas() -> None:
+    """On a Linux CPU, MLX's bundled BLAS makes verifying K tokens cost about K plain steps, so
+    speculation gains little or loses. A preloaded OpenBLAS fixes that, and the loader only
+    reads LD_PRELOAD when a process starts: so the command restarts itself once with the
+    system's OpenBLAS preloaded, when there is one (returns when there is nothing to do).
+    MLX_SPECDEC_OPENBLAS=0 turns this off."""
+    if not _on_linux_cpu():
+        return
+    env = openblas_env(os.environ, system_openblas())
+    if env is None:
+        return
+    # Silent: errors stay one line; `bench` names the BLAS in its machine line.
+    os.execve(sys.executable, [sys.executable, "-m", "mlx_specdec", *sys.argv[1:]], env)
+
+
+def cpu_blas_note() -> str | None:
+    """Where the command still runs on MLX's bundled BLAS on a Linux CPU (no system OpenBLAS,
+    or the restart turned off), a note saying what that costs and how to fix it, or None."""
+    if not _on_linux_cpu() or "openblas" in os.environ.get("LD_PRELOAD", "").lower():
         return None
-    if "openblas" in os.environ.get("LD_PRELOAD", "").lower():
-        return None
-    found = sorted(glob.glob("/usr/lib/*/openblas-pthread/libopenblas.so.0"))
-    found += sorted(glob.glob("/usr/lib*/libopenblas*.so.0"))
+    library = system_openblas()
     how = (
-        f"LD_PRELOAD={found[0]} OPENBLAS_NUM_THREADS=1 mlx-specdec ..."
-        if found
-        else "apt-get install libopenblas0-pthread, then run with LD_PRELOAD=<libopenblas.so.0> "
-        "OPENBLAS_NUM_THREADS=1"
+        f"LD_PRELOAD={library} OPENBLAS_NUM_THREADS=1 mlx-specdec ..."
+        if library
+        else "apt-get install libopenblas0-pthread (mlx-specdec then preloads it by itself), or "
+        "run with LD_PRELOAD=<libopenblas.so.0> OPENBLAS_NUM_THREADS=1"
     )
     return (
         "mlx-specdec: note: on this Linux CPU MLX's bundled BLAS makes verifying several tokens "
@@ -233,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # a real command line (not a call from Python): restart it if that pays
+        restart_with_openblas()
     try:
         return args.func(args)
     except SpecDecError as e:

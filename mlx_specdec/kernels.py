@@ -15,7 +15,6 @@ mlx-lm's own decoding of it stays the baseline).
 from __future__ import annotations
 
 import copy
-import math
 import os
 from functools import cache
 from typing import Any
@@ -77,14 +76,18 @@ class TableRoPE(nn.Module):
         super().__init__()
         self._dims, self._base = dims, base
         half = dims // 2
-        self._inv_freq = mx.exp(-mx.arange(half, dtype=mx.float32) * (math.log(base) / half))
+        # In float32 throughout, as mx.fast.rope computes them (a log in double precision
+        # rounds differently when `half` is not a power of two).
+        scale = mx.log(mx.array(base, dtype=mx.float32)) / half
+        self._inv_freq = mx.exp(-mx.arange(half, dtype=mx.float32) * scale)
         mx.eval(self._inv_freq)  # not lazy: a server decodes on another thread
 
     def _table(self, end: int) -> tuple[mx.array, mx.array]:
         key = (self._dims, self._base)
         table = _ROPE_TABLES.get(key)
         if table is None or table[0].shape[0] < end:
-            angles = mx.arange(max(2 * end, 256), dtype=mx.float32)[:, None] * self._inv_freq
+            rows = max(end + end // 2, 256)  # grown by half again: few rebuilds, little waste
+            angles = mx.arange(rows, dtype=mx.float32)[:, None] * self._inv_freq
             table = (mx.cos(angles), mx.sin(angles))
             mx.eval(table)  # evaluated before it is shared
             _ROPE_TABLES[key] = table

@@ -121,9 +121,13 @@ class Target:
         self.name = name
         # Our forward runs a copy sharing its weights, with the CPU stand-ins for mx.fast's
         # norm and RoPE (bit-identical results, see kernels.py); `stand_ins` (default: where
-        # they pay) says whether.
+        # they pay) says whether. The copy holds the arrays the model holds now: change dtypes
+        # or weights before making the Target.
         self.stand_ins = cpu_kernels() if stand_ins is None else stand_ins
         ours = with_cpu_kernels(model) if self.stand_ins else model
+        for layer in ours.layers if ours is not model else ():
+            if type(layer) in _TAPPED_CLASSES.values():  # copied from a model tapped before
+                layer.__class__ = type(layer).__mro__[1]
         language = getattr(ours, "language_model", ours)
         self._language = language
         self.inner = language.model

@@ -156,3 +156,40 @@ def test_max_draft_flag_values():
     assert parser.parse_args(["serve"]).max_draft == "auto"  # as generate
     bad = cli("generate", "--prompt", "x", "--max-draft", "many")
     assert bad.returncode == 2 and "takes an integer (0 = full block) or 'auto'" in bad.stderr
+
+
+def test_openblas_env_preloads_once_and_respects_the_user():
+    from mlx_specdec.cli import openblas_env
+
+    lib = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+    env = openblas_env({"PATH": "/bin"}, lib)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": lib, "OPENBLAS_NUM_THREADS": "1"}
+    kept = openblas_env({"LD_PRELOAD": "/x/libfoo.so", "OPENBLAS_NUM_THREADS": "2"}, lib)
+    assert kept["LD_PRELOAD"] == f"{lib}:/x/libfoo.so" and kept["OPENBLAS_NUM_THREADS"] == "2"
+    assert openblas_env({}, None) is None  # none on this system
+    assert openblas_env({"LD_PRELOAD": lib}, lib) is None  # already there: no restart loop
+    assert openblas_env({"MLX_SPECDEC_OPENBLAS": "0"}, lib) is None
+
+
+def _linux_cpu_with_openblas() -> bool:
+    import platform
+
+    import mlx.core as mx
+
+    from mlx_specdec.cli import system_openblas
+
+    on_cpu = platform.system() == "Linux" and mx.default_device() == mx.cpu
+    return on_cpu and system_openblas() is not None
+
+
+@pytest.mark.skipif(not _linux_cpu_with_openblas(), reason="needs a Linux CPU with OpenBLAS")
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_generate_restarts_itself_with_the_system_openblas(switch, monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    if switch == "off":
+        monkeypatch.setenv("MLX_SPECDEC_OPENBLAS", "0")
+    pair = ["--model", str(PAIR / "target"), "--drafter", str(PAIR / "drafter")]
+    out = cli("generate", *pair, "--prompt", "The 7th", "--no-chat", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    # The restarted process saw the preload, so it no longer prints the bundled-BLAS note.
+    assert ("MLX's bundled BLAS makes verifying" in out.stderr) == (switch == "off")

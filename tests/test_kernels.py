@@ -2,6 +2,7 @@
 target and drafters use them on the CPU (leaving mlx-lm's model as it was)."""
 
 import json
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,28 +36,33 @@ def test_compiled_rms_norm_is_bit_identical(dims, dtype):
         assert b.dtype == a.dtype and mx.array_equal(a, b).item(), (rows, eps)
 
 
-@pytest.mark.parametrize("dims,base", [(64, 10000.0), (128, 1e6), (128, 5e5)])
+@pytest.mark.parametrize(
+    "dims,base", [(64, 10000.0), (128, 1e6), (128, 5e5), (80, 160000.0), (96, 750000.0)]
+)
 def test_table_rope_is_bit_identical_and_grows(dims, base, monkeypatch):
     monkeypatch.setattr(kernels, "_ROPE_TABLES", {})
     rope, ref = kernels.TableRoPE(dims, base), nn.RoPE(dims, traditional=False, base=base)
     for heads, rows in [(1, 1), (4, 8), (2, 37)]:
         x = mx.random.normal((1, heads, rows, dims), key=mx.random.key(rows)) * 3
-        for offset in (0, 1, 250, 600, 5000):  # 250 + 8 and on outgrow the table
+        for offset in (0, 1, 250, 600, 5000, 100000):  # 250 + 8 and on outgrow the table
             assert mx.array_equal(ref(x, offset=offset), rope(x, offset=offset)).item(), offset
-    assert kernels._ROPE_TABLES[(dims, base)][0].shape[0] >= 5037  # one table, grown
+    assert kernels._ROPE_TABLES[(dims, base)][0].shape[0] >= 100037  # one table, grown
 
 
-def test_table_rope_frequencies_are_what_makes_it_exact():
-    """The check can fail: the textbook base ** (-2i/d) frequencies round differently."""
-    x = mx.random.normal((1, 2, 8, 64), key=mx.random.key(3))
-    rope = kernels.TableRoPE(64, 10000.0)
-    rope._inv_freq = 10000.0 ** (-mx.arange(0, 64, 2, dtype=mx.float32) / 64)
-    kernels._ROPE_TABLES.pop((64, 10000.0), None)
-    try:
-        ref = nn.RoPE(64, base=10000.0)(x, offset=300)
-        assert not mx.array_equal(ref, rope(x, offset=300)).item()
-    finally:
-        kernels._ROPE_TABLES.pop((64, 10000.0), None)
+@pytest.mark.parametrize("formula", ["textbook", "double-log"])
+def test_table_rope_frequencies_are_what_makes_it_exact(formula, monkeypatch):
+    """The check can fail: the textbook base ** (-2i/d), or mx.fast's formula with its log in
+    double precision (half = 40 is not a power of two), round differently."""
+    monkeypatch.setattr(kernels, "_ROPE_TABLES", {})
+    dims, base, half = 80, 160000.0, 40
+    x = mx.random.normal((1, 2, 8, dims), key=mx.random.key(3))
+    rope = kernels.TableRoPE(dims, base)
+    i = mx.arange(half, dtype=mx.float32)
+    rope._inv_freq = (
+        base ** (-2 * i / dims) if formula == "textbook" else mx.exp(-i * (math.log(base) / half))
+    )
+    ref = nn.RoPE(dims, base=base)(x, offset=3000)
+    assert not mx.array_equal(ref, rope(x, offset=3000)).item()
 
 
 def test_table_rope_leaves_other_cases_to_mx_fast():
@@ -91,6 +97,17 @@ def test_with_cpu_kernels_shares_weights_and_leaves_the_model_alone():
     assert mx.array_equal(ours(ids), model(ids)).item()
 
 
+def test_with_cpu_kernels_on_a_quantized_model_with_a_shared_module():
+    model = _tiny_model()
+    nn.quantize(model, group_size=32, bits=4)
+    model.model.layers[1].mlp = model.model.layers[0].mlp  # one module in two places
+    ours = kernels.with_cpu_kernels(model)
+    assert ours.layers[1].mlp is ours.layers[0].mlp is not model.layers[0].mlp
+    assert type(ours.layers[0].mlp.up_proj) is nn.QuantizedLinear
+    ids = mx.array([[5, 17, 99, 3, 250, 7, 7, 1]])
+    assert mx.array_equal(ours(ids), model(ids)).item()
+
+
 @CPU_ONLY
 def test_target_runs_the_stand_ins_on_the_cpu_unless_turned_off(fresh_switch, monkeypatch):
     model = _tiny_model()
@@ -115,3 +132,18 @@ def test_drafters_use_them_on_the_cpu_unless_turned_off(fresh_switch, monkeypatc
     kernels.cpu_kernels.cache_clear()
     attn = build(config, "demo").layers[0].self_attn
     assert type(attn.rope) is nn.RoPE and type(attn.q_norm) is nn.RMSNorm
+
+
+@CPU_ONLY
+def test_a_copy_of_a_tapped_model_starts_untapped(fresh_switch):
+    model = _tiny_model()
+    plain = Target(model, target_config(), stand_ins=False)
+    plain.set_taps([1])  # taps the mlx-lm model's own layer 1 (train-drafter does this)
+    assert type(model.layers[1]) is not type(model.layers[0])
+    ours = Target(model, target_config())
+    assert type(ours.layers[1]) is type(ours.layers[0])  # no stale taps into `plain`'s sink
+    ours.set_taps([1])
+    ids = mx.array([5, 17, 99, 3])
+    _, taps = ours(ids, ours.make_cache())
+    _, want = plain(ids, plain.make_cache())
+    assert mx.array_equal(taps, want).item()
