@@ -3,7 +3,7 @@ what one round costs (draft + verify) against a plain step.
 
 Every speculative output is checked against mlx-lm's plain greedy generation (the baseline whose
 speed the speed-up divides by) token for token. On a Linux CPU run it with OpenBLAS preloaded
-(see `mlx_specdec.machine`):
+(the `mlx-specdec` commands do this by themselves; see the README):
 
     OPENBLAS_NUM_THREADS=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python scripts/demo_accept.py [--modes dspark,dflash] [--per-domain 10] \\

@@ -19,7 +19,7 @@ Stdlib files are split by a hash of their name: 1 in 10 is held out, and `prompt
 held-out prompts of each domain for measuring acceptance (`scripts/demo_accept.py`). Every stage
 keeps its result in `--work` and is skipped when that result is there; the LM and drafter
 trainings save their state as they go, so a run cut short continues where it stopped. Runs on
-Metal, CUDA or (slowly) CPU; on a Linux CPU preload OpenBLAS (`mlx_specdec.machine`):
+Metal, CUDA or (slowly) CPU; on a Linux CPU preload OpenBLAS (README):
 
     python scripts/make_demo.py --out mlx_specdec/demo    # full size: ~20 minutes on one H100
     python scripts/make_demo.py --out /tmp/demo --work /tmp/demo-work --scale 0.003 --batch 16 \
@@ -476,8 +476,8 @@ def main() -> None:
     ap.add_argument("--drafter-batch", type=int, default=128)
     ap.add_argument("--anchors", type=int, default=48)
     ap.add_argument("--draft-layers", type=int, default=3)
-    # DSpark's layers are wider than the target's (MLP width costs little on a CPU, where a
-    # draft round is bound by the number of ops); DFlash keeps the target's widths.
+    # DSpark's layers are wider than the target's, for acceptance; their MLP matmuls are most
+    # of a CPU draft's cost (~4 ms a round for the demo). DFlash keeps the target's widths.
     ap.add_argument("--dspark-heads", type=int, default=4)
     ap.add_argument("--dspark-kv-heads", type=int, default=2)
     ap.add_argument("--dspark-intermediate", type=int, default=2048)
