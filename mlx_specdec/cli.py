@@ -123,13 +123,17 @@ def openblas_env(env: Mapping[str, str], library: str | None) -> dict[str, str] 
     or None: none found, already preloaded, or turned off with MLX_SPECDEC_OPENBLAS=0.
     One OpenBLAS thread unless OPENBLAS_NUM_THREADS says otherwise (the README's setting)."""
     preload = env.get("LD_PRELOAD", "")
-    if library is None or "openblas" in preload.lower() or env.get("MLX_SPECDEC_OPENBLAS") == "0":
+    if library is None or _openblas_preloaded(env) or env.get("MLX_SPECDEC_OPENBLAS") == "0":
         return None
     return {
         **env,
         "LD_PRELOAD": f"{library}:{preload}" if preload else library,
         "OPENBLAS_NUM_THREADS": env.get("OPENBLAS_NUM_THREADS", "1"),
     }
+
+
+def _openblas_preloaded(env: Mapping[str, str]) -> bool:
+    return "openblas" in env.get("LD_PRELOAD", "").lower()
 
 
 def _on_linux_cpu() -> bool:
@@ -152,13 +156,16 @@ def restart_with_openblas() -> None:
     if env is None:
         return
     # Silent: errors stay one line; `bench` names the BLAS in its machine line.
-    os.execve(sys.executable, [sys.executable, "-m", "mlx_specdec", *sys.argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_specdec", *sys.argv[1:]], env)
+    except OSError:  # cannot restart (no interpreter path): carry on, the note will say why
+        return
 
 
 def cpu_blas_note() -> str | None:
     """Where the command still runs on MLX's bundled BLAS on a Linux CPU (no system OpenBLAS,
     or the restart turned off), a note saying what that costs and how to fix it, or None."""
-    if not _on_linux_cpu() or "openblas" in os.environ.get("LD_PRELOAD", "").lower():
+    if not _on_linux_cpu() or _openblas_preloaded(os.environ):
         return None
     library = system_openblas()
     how = (

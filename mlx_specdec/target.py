@@ -124,10 +124,12 @@ class Target:
         # they pay) says whether. The copy holds the arrays the model holds now: change dtypes
         # or weights before making the Target.
         self.stand_ins = cpu_kernels() if stand_ins is None else stand_ins
-        ours = with_cpu_kernels(model) if self.stand_ins else model
-        for layer in ours.layers if ours is not model else ():
-            if type(layer) in _TAPPED_CLASSES.values():  # copied from a model tapped before
-                layer.__class__ = type(layer).__mro__[1]
+        ours = model
+        if self.stand_ins:
+            ours = with_cpu_kernels(model)
+            for layer in ours.layers:  # the copy starts untapped, whoever tapped the model
+                if type(layer) in _TAPPED_CLASSES.values():
+                    layer.__class__ = type(layer).__mro__[1]
         language = getattr(ours, "language_model", ours)
         self._language = language
         self.inner = language.model
