@@ -1,0 +1,80 @@
+"""What OpenAI's chat and text completions share: the one choice, `usage`, `finish_reason`, and
+the chunk stream (`data:` events that end with the finish reason, usage and `[DONE]`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+from ..generate import GenerationResult
+from .output import Delta
+from .streaming import Generation
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def choice(key: str, value: Any, finish: str | None) -> dict[str, Any]:
+    """The only choice (n is 1), carrying `value` under `key` (message, delta or text)."""
+    return {"index": 0, key: value, "finish_reason": finish, "logprobs": None}
+
+
+def usage(result: GenerationResult) -> dict[str, Any]:
+    n = len(result.tokens)
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": result.prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+    }
+
+
+def stats(gen: Generation) -> dict[str, Any]:
+    """The `usage` and `x_specdec` blocks of an answer's last body."""
+    return {"usage": usage(gen.result), "x_specdec": gen.x_specdec()}
+
+
+def finish_reason(gen: Generation, tool_calls: int = 0) -> str:
+    if gen.stopped:
+        return "stop"
+    if tool_calls and gen.result.finish_reason == "stop":
+        return "tool_calls"
+    return gen.result.finish_reason
+
+
+class ChunkStream:
+    """An `EventFormat` for OpenAI streams: every chunk is `base` plus the one choice, which
+    carries a piece under `key`. The finish reason comes in a chunk with an `empty` piece, and
+    usage either in that chunk or, when the client asked for `include_usage`, in a chunk of its
+    own with no choices (as OpenAI sends it)."""
+
+    key: ClassVar[str]
+    empty: ClassVar[Any]
+
+    def __init__(self, base: dict[str, Any], include_usage: bool) -> None:
+        self.base, self.include_usage = base, include_usage
+
+    def chunk(self, value: Any, finish: str | None = None, **extra: Any) -> str:
+        return sse({**self.base, "choices": [choice(self.key, value, finish)], **extra})
+
+    def opening(self) -> Iterable[str]:
+        return ()
+
+    def piece(self, delta: Delta) -> Iterable[str]:
+        raise NotImplementedError
+
+    def finish_reason(self, gen: Generation) -> str:
+        return finish_reason(gen)
+
+    def closing(self, gen: Generation) -> Iterator[str]:
+        reason, last = self.finish_reason(gen), stats(gen)
+        if self.include_usage:
+            yield self.chunk(self.empty, reason)
+            yield sse({**self.base, "choices": [], **last})
+        else:
+            yield self.chunk(self.empty, reason, **last)
+        yield DONE
