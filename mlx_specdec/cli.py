@@ -12,8 +12,8 @@ from .errors import SpecDecError
 
 # Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
 EXTERNAL_COMMANDS: dict[str, str] = {
-    "bench": "mlx_specdec.bench",
-    "bench-prefix": "mlx_specdec.bench_prefix",
+    "bench": "mlx_specdec.bench.cli",
+    "bench-prefix": "mlx_specdec.bench.prefix",
     "serve": "mlx_specdec.server.cli",
     "train-drafter": "mlx_specdec.train",
 }
@@ -29,7 +29,7 @@ def positive_int(text: str) -> int:
 def draft_cap(text: str) -> int | str | None:
     """--max-draft: N >= 1 verifies the first N drafts of a round; 0 means the drafter's full
     block (None); `auto` (the default) is the cap measured best for this model on this machine
-    (cached; see `mlx_specdec.bench.auto_max_draft`)."""
+    (cached; see `mlx_specdec.autocap.auto_max_draft`)."""
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -43,10 +43,16 @@ def draft_cap(text: str) -> int | str | None:
     return value or None
 
 
+def cap_cache_folder() -> str | None:
+    """Where the CLI keeps the draft-cap cache: $MLX_SPECDEC_CACHE (tests point it at a
+    temporary folder), else None for the default ~/.cache/mlx-specdec."""
+    return os.environ.get("MLX_SPECDEC_CACHE")
+
+
 def resolve_draft_cap(target, drafter, max_draft: int | str | None) -> int | None:
     """`--max-draft` for a loaded pair: `auto` becomes the cached cap for this model, precision
     and machine, or is calibrated once now (saying so on stderr); others pass through."""
-    from .bench import resolve_max_draft
+    from .autocap import cache_file, resolve_max_draft
 
     if drafter is None or max_draft != "auto":
         return resolve_max_draft(target, drafter, max_draft)
@@ -56,7 +62,9 @@ def resolve_draft_cap(target, drafter, max_draft: int | str | None) -> int | Non
         said.append(line)
         _note(line)
 
-    cap = resolve_max_draft(target, drafter, max_draft, notify=note)
+    cap = resolve_max_draft(
+        target, drafter, max_draft, notify=note, cap_cache=cache_file(cap_cache_folder())
+    )
     how = "measured" if said else "cached"
     _note(
         f"[auto] --max-draft {cap} (of {drafter.max_draft}; {how} for this model on this machine)"

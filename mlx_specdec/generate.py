@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from .autocap import resolve_max_draft
 from .drafters.base import Drafter
 from .errors import SpecDecError
 from .prefix_cache import PrefixCache, cacheable, fingerprint, restore, take_snapshot
@@ -95,7 +97,7 @@ def encode_prompt(
     return prompt
 
 
-def _stream(
+def stream_steps(
     tokenizer: Any,
     steps: Steps,
     prompt_len: int,
@@ -158,13 +160,15 @@ def stream_speculative_generate(
     chat: bool = True,
     enable_thinking: bool | None = None,
     prefix_cache: PrefixCache | None = None,
+    cap_cache: str | Path | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream text pieces as rounds commit them; the last chunk carries the `GenerationResult`.
     With `drafter=None` this is plain decoding through mlx-lm (the baseline). With a
     `prefix_cache`, the longest prompt prefix it holds for this pair is not prefilled again, and
     the caches of a run that ends normally are kept in it. `max_draft`: None =
     the drafter's full block, N = verify the first N drafts, "auto" = the cap cached for this
-    model on this machine, measured once (a few seconds) when none is (`bench.auto_max_draft`)."""
+    model on this machine in the file `cap_cache` (default `autocap.cache_file()`), measured once
+    (a few seconds) when none is (`autocap.auto_max_draft`)."""
     params = SamplingParams(temperature, top_p, top_k, min_p, seed)
     if max_new_tokens < 1:
         raise SpecDecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -174,15 +178,13 @@ def stream_speculative_generate(
     if not ids:
         raise SpecDecError("the prompt is empty")
     if isinstance(max_draft, str):
-        from .bench import resolve_max_draft
-
-        max_draft = resolve_max_draft(target, drafter, max_draft)
+        max_draft = resolve_max_draft(target, drafter, max_draft, cap_cache=cap_cache)
     eos = set(tokenizer.eos_token_ids)
     mode = drafter.kind if drafter else "baseline"
 
     def run(cache: list[Any] | None, drafter_state: Any, cached: int) -> Steps:
         if drafter is None:
-            return _baseline_steps(target, ids, max_new_tokens, params, eos, cache, cached)
+            return baseline_steps(target, ids, max_new_tokens, params, eos, cache, cached)
         spec = speculate(
             target,
             drafter,
@@ -203,7 +205,7 @@ def stream_speculative_generate(
         steps = run(None, None, 0)
     else:
         steps = _reusing_prefix(prefix_cache, target, drafter, ids, run, info)
-    return _stream(tokenizer, steps, len(ids), max_new_tokens, mode, info)
+    return stream_steps(tokenizer, steps, len(ids), max_new_tokens, mode, info)
 
 
 def _reusing_prefix(
@@ -259,7 +261,7 @@ def speculative_generate(
     return last.result
 
 
-def _baseline_steps(
+def baseline_steps(
     target: Target,
     ids: list[int],
     max_new_tokens: int,

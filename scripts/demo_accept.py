@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from mlx_specdec.bench import baseline_step_ms, measure_costs
+from mlx_specdec.autocap import baseline_step_ms, measure_costs
 from mlx_specdec.demo import DEMO_DIR
 from mlx_specdec.generate import baseline_generate, speculative_generate
 from mlx_specdec.loading import load_drafter, load_target

@@ -3,12 +3,15 @@ auto-cap cache and prompt parsing."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from mlx_specdec import bench
+from mlx_specdec import autocap
+from mlx_specdec.bench.prompts import BenchPrompt, load_prompts
+from mlx_specdec.bench.synthetic import ScriptedAcceptance, rate_for_accept_len
 from mlx_specdec.cli import main
 from mlx_specdec.errors import SpecDecError
 
@@ -16,8 +19,11 @@ FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3"
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
+def cap_cache(tmp_path, monkeypatch):
+    """The draft-cap cache file of every run here, in a temporary folder, never ~/.cache: the
+    CLI finds the folder in $MLX_SPECDEC_CACHE, API calls are given the file."""
     monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "cache"))
+    return autocap.cache_file(tmp_path / "cache")
 
 
 def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
@@ -77,80 +83,81 @@ def test_bench_end_to_end_json_and_lossless(tmp_path, capsys):
 
 
 def test_expected_accept_and_survival():
-    assert bench.survival_from_rounds([0, 1, 3, 3], 3) == [0.75, 0.5, 0.5]
-    assert bench.expected_accept([0.75, 0.5, 0.5], 3) == pytest.approx(2.75)
-    assert bench.expected_accept([0.75, 0.5, 0.5], 1) == pytest.approx(1.75)
+    assert autocap.survival_from_rounds([0, 1, 3, 3], 3) == [0.75, 0.5, 0.5]
+    assert autocap.expected_accept([0.75, 0.5, 0.5], 3) == pytest.approx(2.75)
+    assert autocap.expected_accept([0.75, 0.5, 0.5], 1) == pytest.approx(1.75)
     # beyond what was observed: the last conditional rate (0.5 / 0.5 = 1) continues
-    assert bench.expected_accept([0.75, 0.5, 0.5], 5) == pytest.approx(3.75)
-    assert bench.expected_accept(bench.geometric_survival(0.5, 2), 4) == pytest.approx(1.9375)
-    p = bench.rate_for_accept_len(3.49, 7)
+    assert autocap.expected_accept([0.75, 0.5, 0.5], 5) == pytest.approx(3.75)
+    assert autocap.expected_accept(autocap.geometric_survival(0.5, 2), 4) == pytest.approx(1.9375)
+    p = rate_for_accept_len(3.49, 7)
     assert 1 + sum(p**k for k in range(1, 8)) == pytest.approx(3.49, abs=1e-9)
     with pytest.raises(SpecDecError):
-        bench.rate_for_accept_len(9.0, 7)
+        rate_for_accept_len(9.0, 7)
 
 
 def test_cost_model_prediction_and_best_cap():
     # verify flat up to 4 tokens then doubling; drafter 1 ms per drafted token
-    cm = bench.CostModel(
+    cm = autocap.CostModel(
         512, {k: 10.0 if k <= 4 else 20.0 for k in range(1, 17)}, {c: float(c) for c in range(1, 8)}
     )
     assert cm.baseline_tps == pytest.approx(100.0)
     assert cm.round_ms(3) == pytest.approx(13.0)
     assert cm.predicted_tps(3, 2.6) == pytest.approx(200.0)
-    survival = bench.geometric_survival(0.9, 7)
+    survival = autocap.geometric_survival(0.9, 7)
     best = cm.best_cap(survival)
     assert best == 3  # the verify step at K = 5 costs more than the extra drafts return
     table = {r["cap"]: r for r in cm.table(survival)}
-    assert table[3]["speedup"] == pytest.approx(bench.expected_accept(survival, 3) / 13.0 * 10.0)
-    assert bench.CostModel.from_json(cm.to_json()) == cm
-    assert bench.CostModel.from_json({"context_len": 1}) is None
+    assert table[3]["speedup"] == pytest.approx(autocap.expected_accept(survival, 3) / 13.0 * 10.0)
+    assert autocap.CostModel.from_json(cm.to_json()) == cm
+    assert autocap.CostModel.from_json({"context_len": 1}) is None
 
 
-def test_auto_max_draft_cache(monkeypatch):
+def test_auto_max_draft_cache(monkeypatch, cap_cache):
     from mlx_specdec.loading import load_drafter, load_target
 
     target, _ = load_target(str(FIXTURE / "target"))
     drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
     calls = []
-    fake = bench.CostModel(
+    fake = autocap.CostModel(
         64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)}, {c: 1.0 for c in range(1, 8)}
     )
-    monkeypatch.setattr(bench, "measure_costs", lambda *a, **k: calls.append(1) or fake)
-    assert bench.auto_max_draft(target, drafter, survival=[0.9] * 7) == 2
-    assert bench.auto_max_draft(target, drafter) == 2  # from the cache, nothing measured
+    monkeypatch.setattr(autocap, "measure_costs", lambda *a, **k: calls.append(1) or fake)
+    auto = functools.partial(autocap.auto_max_draft, cap_cache=cap_cache)
+    assert auto(target, drafter, survival=[0.9] * 7) == 2
+    assert auto(target, drafter) == 2  # from the cache, nothing measured
     assert len(calls) == 1
-    entries = json.loads(bench.cache_file().read_text())["entries"]
+    entries = json.loads(cap_cache.read_text())["entries"]
     (key,) = entries
     assert "dspark:32bit" in key or "dspark:float32" in key
     # The same folders with other weights (a retrained drafter) are measured afresh.
     drafter.fc.weight = drafter.fc.weight * 2
-    assert bench.cap_cache_key(target, drafter) != key
-    assert bench.auto_max_draft(target, drafter, survival=[0.9] * 7) == 2
+    assert autocap.cap_cache_key(target, drafter) != key
+    assert auto(target, drafter, survival=[0.9] * 7) == 2
     assert len(calls) == 2
 
 
 def test_jsonl_prompts(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "hi", "domain": "chat"}\n\n{"prompt": "x = ?"}\n')
-    assert bench.load_prompts(str(good)) == [
-        bench.BenchPrompt("hi", "chat"),
-        bench.BenchPrompt("x = ?", "custom"),
+    assert load_prompts(str(good)) == [
+        BenchPrompt("hi", "chat"),
+        BenchPrompt("x = ?", "custom"),
     ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     with pytest.raises(SpecDecError, match=r"bad.jsonl:2"):
-        bench.load_prompts(str(bad))
+        load_prompts(str(bad))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(SpecDecError, match="not valid JSON"):
-        bench.load_prompts(str(broken))
+        load_prompts(str(broken))
     with pytest.raises(SpecDecError, match="cannot read"):
-        bench.load_prompts(str(tmp_path / "missing.jsonl"))
+        load_prompts(str(tmp_path / "missing.jsonl"))
     with pytest.raises(SpecDecError, match="unknown set"):
-        bench.load_prompts("chat,poetry")
-    builtin = bench.load_prompts("chat,code,math", limit=2)
+        load_prompts("chat,poetry")
+    builtin = load_prompts("chat,code,math", limit=2)
     assert [p.domain for p in builtin] == ["chat", "chat", "code", "code", "math", "math"]
-    assert all(len(bench.load_prompts(d)) == 10 for d in ("chat", "code", "math"))
+    assert all(len(load_prompts(d)) == 10 for d in ("chat", "code", "math"))
 
 
 def test_cli_errors(capsys):
@@ -163,7 +170,7 @@ def test_cli_errors(capsys):
 def test_blas_detection(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    assert bench._blas().startswith("OpenBLAS")
+    assert autocap._blas().startswith("OpenBLAS")
 
 
 def test_scripted_acceptance_follows_profile():
@@ -175,7 +182,7 @@ def test_scripted_acceptance_follows_profile():
     drafter, _, _ = load_drafter(str(FIXTURE / "drafter"), target, bits=32)
     for p, want in ((1.0, 7), (0.0, 0)):
         steps = list(
-            speculate(bench.ScriptedAcceptance(target, p), drafter, [5, 6, 7], max_new_tokens=30)
+            speculate(ScriptedAcceptance(target, p), drafter, [5, 6, 7], max_new_tokens=30)
         )
         accepted = [s.round.accepted for s in steps if s.round and len(s.round.proposed) == 7]
         assert accepted and all(a == want for a in accepted)
@@ -189,19 +196,20 @@ def _fixture_pair():
     return target, tokenizer, drafter
 
 
-def test_auto_max_draft_measures_on_a_miss_within_budget():
+def test_auto_max_draft_measures_on_a_miss_within_budget(cap_cache):
     """A cache miss measures only what the caps need (K = 1..block+1), says so, and caches it."""
     target, _, drafter = _fixture_pair()
     notes = []
-    cap = bench.auto_max_draft(target, drafter, budget_s=0.5, notify=notes.append)
+    auto = functools.partial(autocap.auto_max_draft, cap_cache=cap_cache)
+    cap = auto(target, drafter, budget_s=0.5, notify=notes.append)
     assert 1 <= cap <= drafter.max_draft
     assert len(notes) == 2 and "calibrating" in notes[0] and "--max-draft N" in notes[0]
-    (entry,) = json.loads(bench.cache_file().read_text())["entries"].values()
-    assert entry["cap"] == cap and entry["survival"] == [bench.PRIOR_ACCEPT]
+    (entry,) = json.loads(cap_cache.read_text())["entries"].values()
+    assert entry["cap"] == cap and entry["survival"] == [autocap.PRIOR_ACCEPT]
     assert sorted(int(k) for k in entry["costs"]["verify_ms"]) == list(range(1, 9))
-    assert entry["costs"]["context_len"] == bench.AUTO_CONTEXT
+    assert entry["costs"]["context_len"] == autocap.AUTO_CONTEXT
     notes.clear()
-    assert bench.auto_max_draft(target, drafter, notify=notes.append) == cap and not notes
+    assert auto(target, drafter, notify=notes.append) == cap and not notes
 
 
 def test_median_ms_budget_bounds_repeats():
@@ -213,22 +221,22 @@ def test_median_ms_budget_bounds_repeats():
         calls.append(1)
         return mx.array(0)
 
-    bench._median_ms(fn, reps=5)
+    autocap._median_ms(fn, reps=5)
     assert len(calls) == 6  # one warm call, five timed
     calls.clear()
-    bench._median_ms(fn, reps=50, seconds=0.0)
+    autocap._median_ms(fn, reps=50, seconds=0.0)
     assert len(calls) == 2  # the budget is spent: one warm call and one timed call
 
 
-def test_python_api_accepts_auto(monkeypatch):
+def test_python_api_accepts_auto(monkeypatch, cap_cache):
     from mlx_specdec.generate import speculative_generate
 
     target, tokenizer, drafter = _fixture_pair()
-    fake = bench.CostModel(
+    fake = autocap.CostModel(
         64, {k: 10.0 if k <= 3 else 30.0 for k in range(1, 17)}, {c: 1.0 for c in range(1, 8)}
     )
-    monkeypatch.setattr(bench, "measure_costs", lambda *a, **k: fake)
-    kwargs = dict(max_new_tokens=20, chat=False)
+    monkeypatch.setattr(autocap, "measure_costs", lambda *a, **k: fake)
+    kwargs = dict(max_new_tokens=20, chat=False, cap_cache=cap_cache)
     auto = speculative_generate(target, tokenizer, drafter, "The 7th", max_draft="auto", **kwargs)
     assert max(len(r.proposed) for r in auto.rounds) == 2  # the fake curves' best cap
     full = speculative_generate(target, tokenizer, drafter, "The 7th", **kwargs)

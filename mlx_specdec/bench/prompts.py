@@ -1,10 +1,18 @@
-"""Built-in benchmark prompts: ten each for chat, code and math, written for this project.
+"""Benchmark prompts: ten built-in ones each for chat, code and math, written for this project,
+or a JSONL file.
 
-Kept short and self-contained so that one run measures decoding, not prefill; pass a JSONL file
-(`{"prompt": ..., "domain": ...}` per line) to `mlx-specdec bench --prompts` for standard sets.
+The built-in ones are short and self-contained so that one run measures decoding, not prefill;
+pass a JSONL file (`{"prompt": ..., "domain": ...}` per line) to `mlx-specdec bench --prompts`
+for standard sets.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SpecDecError
 
 CHAT: tuple[str, ...] = (
     "Explain to a ten-year-old why the sky looks blue during the day and red at sunset.",
@@ -46,3 +54,61 @@ MATH: tuple[str, ...] = (
 )
 
 BUILTIN: dict[str, tuple[str, ...]] = {"chat": CHAT, "code": CODE, "math": MATH}
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    text: str
+    domain: str
+
+
+def read_jsonl(path: Path) -> list[BenchPrompt]:
+    """`{"prompt": str, "domain": str}` per line (domain defaults to "custom"); blanks skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise SpecDecError(f"cannot read prompt file '{path}': {e.strerror or e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise SpecDecError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SpecDecError(f'{path}:{n}: each line must be an object with a "prompt" string')
+        domain = row.get("domain", "custom")
+        if not isinstance(domain, str) or not domain:
+            raise SpecDecError(f'{path}:{n}: "domain" must be a non-empty string')
+        if not row["prompt"].strip():
+            raise SpecDecError(f"{path}:{n}: the prompt is empty")
+        prompts.append(BenchPrompt(row["prompt"], domain))
+    if not prompts:
+        raise SpecDecError(f"prompt file '{path}' holds no prompts")
+    return prompts
+
+
+def load_prompts(spec: str, limit: int | None = None) -> list[BenchPrompt]:
+    """`chat,code,math` (any of the built-in sets) or a JSONL file; `limit` prompts per domain."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".jsonl") or path.is_file():
+        prompts = read_jsonl(path)
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        unknown = [s for s in names if s not in BUILTIN]
+        if unknown or not names:
+            raise SpecDecError(
+                f"--prompts: unknown set '{','.join(unknown) or spec}'; use any of "
+                f"{', '.join(BUILTIN)} or a .jsonl file"
+            )
+        prompts = [BenchPrompt(t, name) for name in names for t in BUILTIN[name]]
+    if limit is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for p in prompts:
+            seen[p.domain] = seen.get(p.domain, 0) + 1
+            if seen[p.domain] <= limit:
+                kept.append(p)
+        prompts = kept
+    return prompts

@@ -19,9 +19,13 @@ import sys
 import time
 from typing import Any
 
-from .errors import SpecDecError
-from .generate import encode_prompt, stream_speculative_generate
-from .prefix_cache import PrefixCache
+from ..autocap import machine_info
+from ..cli import add_model_arguments
+from ..errors import SpecDecError
+from ..generate import encode_prompt, stream_speculative_generate
+from ..loading import load_pair
+from ..prefix_cache import PrefixCache
+from .report import machine_line
 
 HELP = "time to first token of a follow-up turn, cold vs from the prefix cache"
 
@@ -117,8 +121,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_model_arguments
-
     add_model_arguments(p)
     p.add_argument(
         "--contexts", default="750,4000", help="shared context sizes, tokens (default 750,4000)"
@@ -129,9 +131,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench import machine_info, machine_line
-    from .loading import load_pair
-
     try:
         sizes = [int(x) for x in args.contexts.split(",")]
     except ValueError:
