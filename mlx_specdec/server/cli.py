@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
-from ..cli import add_model_arguments, add_sampling_arguments, positive_int, resolve_draft_cap
+from ..cli import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_pair_from_args,
+    positive_int,
+    resolve_draft_cap,
+)
 from ..errors import SpecDecError
 
 HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
@@ -74,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
             f"the server needs extra packages ({e.name} is missing): "
             "pip install 'mlx-specdec[server]'"
         ) from None
-    from ..loading import load_pair
     from ..sampling import SamplingParams
     from ..speculate import check_max_draft
 
@@ -82,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
         raise SpecDecError("--max-tokens cannot be above --max-tokens-limit")
     if args.max_body_mb <= 0:
         raise SpecDecError("--max-body-mb must be > 0")
-    if not 0 <= args.confidence_threshold < 1:
-        raise SpecDecError("--confidence-threshold must be in [0, 1)")
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
     prefix_cache = None  # built first: a bad folder or size fails before the model loads
     if not args.no_prefix_cache:
@@ -92,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache = PrefixCache(
             args.prefix_cache_max_ram_mb, args.prefix_cache_dir, args.prefix_cache_max_disk_mb
         )
-    target, tokenizer, drafter, config = load_pair(
-        args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
-    )
+    # The confidence threshold goes to the drafter; the environment's Target switches too.
+    target, tokenizer, drafter, config = load_pair_from_args(args)
     max_draft = resolve_draft_cap(target, drafter, args.max_draft)
     if drafter is not None:
         check_max_draft(max_draft, drafter)  # fail at start, not on every request
@@ -105,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
         config,
         max_queue=args.max_queue,
         max_draft=max_draft,
-        confidence_threshold=args.confidence_threshold,
         prefix_cache=prefix_cache,
     )
     settings = ServerSettings(

@@ -114,13 +114,12 @@ class Engine:
         *,
         max_queue: int = 16,
         max_draft: int | None = None,
-        confidence_threshold: float = 0.0,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
         if max_queue < 1:
             raise SpecDecError(f"--max-queue must be >= 1, got {max_queue}")
         self.target, self.tokenizer, self.drafter, self.config = target, tokenizer, drafter, config
-        self.max_draft, self.confidence_threshold = max_draft, confidence_threshold
+        self.max_draft = max_draft
         self.prefix_cache = prefix_cache
         self.metrics = Metrics()
         if prefix_cache is not None:
@@ -190,7 +189,6 @@ class Engine:
             self.drafter,
             job.ids,
             max_draft=self.max_draft,
-            confidence_threshold=self.confidence_threshold,
             prefix_cache=self.prefix_cache,
             **job.options,
         )
