@@ -1,5 +1,5 @@
-"""`mlx-specdec bench`: end to end on the tiny DSpark fixture pair, the cost-model arithmetic, the
-auto-cap cache and prompt parsing."""
+"""`mlx-specdec bench`: end to end on the tiny DSpark fixture pair and on the demo pair, the
+cost-model arithmetic, the auto-cap cache and prompt parsing."""
 
 from __future__ import annotations
 
@@ -160,9 +160,25 @@ def test_jsonl_prompts(tmp_path):
     assert all(len(load_prompts(d)) == 10 for d in ("chat", "code", "math"))
 
 
+def test_bench_without_model_races_the_demo_pair(tmp_path, capsys, cap_cache):
+    """No --model: the embedded demo pair, as `generate` runs it; `auto` caches its cap where
+    $MLX_SPECDEC_CACHE says."""
+    from mlx_specdec.demo import DEMO_DIR
+
+    out = tmp_path / "demo.json"
+    flags = ["--modes", "baseline,dspark", "--prompts", "code", "--limit", "1", "--trials", "1"]
+    flags += ["--max-new-tokens", "4", "--cost-reps", "1", "--json", str(out)]
+    assert main(["bench", *flags]) == 0
+    assert "lossless: yes" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["model"] == str(DEMO_DIR / "target")
+    rows = {r["row"] for r in report["results"]}
+    assert {"baseline", "dspark@7"} <= rows and any(r.startswith("dspark@auto=") for r in rows)
+    (key,) = json.loads(cap_cache.read_text())["entries"]
+    assert key.startswith(str((DEMO_DIR / "target").resolve()))
+
+
 def test_cli_errors(capsys):
-    assert main(["bench", "--trials", "1"]) == 2
-    assert "no model given" in capsys.readouterr().err
     assert main(["bench", "--model", "x", "--max-draft", "0"]) == 2
     assert "--max-draft" in capsys.readouterr().err
 

@@ -1,5 +1,5 @@
-"""The `mlx-specdec bench` subcommand: its flags and where a run goes (real models or
---synthetic shapes)."""
+"""The `mlx-specdec bench` subcommand: its flags and where a run goes (real models, the demo
+pair when no --model is given, or --synthetic shapes)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from collections.abc import Sequence
 from ..autocap import cache_file
 from ..cli import cap_cache_folder
 from ..errors import SpecDecError
-from .run import ALL_MODES, run_bench
+from .run import ALL_MODES, demo_pair_args, run_bench
 from .synthetic import SHAPES, run_synthetic
 
 HELP = "benchmark modes head to head: speed-up, acceptance, cost model, lossless verdict"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="target: Hugging Face repo id or local folder")
+    p.add_argument(
+        "--model",
+        help="target: Hugging Face repo id or local folder (default: the embedded demo pair, "
+        "with its drafters and its draft LM)",
+    )
     p.add_argument(
         "--modes",
         help="comma list of " + ", ".join(ALL_MODES) + " (default: "
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             )
         return run_synthetic(args)
     if not args.model:
-        raise SpecDecError("no model given: pass --model REPO_OR_PATH (or --synthetic SHAPE)")
+        args = demo_pair_args(args)
     return run_bench(args, cache_file(cap_cache_folder()))
 
 

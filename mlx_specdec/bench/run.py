@@ -25,6 +25,7 @@ from ..autocap import (
     store_auto_cap,
     survival_from_rounds,
 )
+from ..demo import KINDS, demo_paths, draft_lm_path
 from ..drafters.base import Drafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, baseline_steps, encode_prompt, stream_steps
@@ -294,6 +295,18 @@ def _load_drafters(
             )
         loaded[m], _, _ = load_drafter(ref, target, bits=args.drafter_bits, mode=m)
     return loaded
+
+
+def demo_pair_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` without --model: the embedded demo pair, as `generate` runs it: its target, its
+    drafters (unless --drafter names others) and its draft LM for mode draft-model (unless
+    --draft-model names another)."""
+    target, _ = demo_paths("baseline")  # a clear error when the demo is not installed
+    drafters = args.drafter or [f"{kind}={demo_paths(kind)[1]}" for kind in KINDS]
+    draft_model = args.draft_model or draft_lm_path()
+    return argparse.Namespace(
+        **vars(args) | {"model": target, "drafter": drafters, "draft_model": draft_model}
+    )
 
 
 def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
