@@ -7,22 +7,51 @@ import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import SpecDecError
 
-# Subcommands living in their own modules: each has HELP, add_arguments(parser), run(args).
-EXTERNAL_COMMANDS: dict[str, str] = {
-    "bench": "mlx_specdec.bench.cli",
-    "bench-prefix": "mlx_specdec.bench.prefix",
-    "serve": "mlx_specdec.server.cli",
-    "train-drafter": "mlx_specdec.train",
+# Subcommands living in their own modules, each with add_arguments(parser) and run(args);
+# a module is imported only when its subcommand runs.
+EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": (
+        "mlx_specdec.bench.cli",
+        "benchmark modes head to head: speed-up, acceptance, cost model, lossless verdict",
+    ),
+    "bench-prefix": (
+        "mlx_specdec.bench.prefix",
+        "time to first token of a follow-up turn, cold vs from the prefix cache",
+    ),
+    "serve": (
+        "mlx_specdec.server.cli",
+        "serve an OpenAI-compatible API (chat, completions, tools, metrics)",
+    ),
+    "train-drafter": (
+        "mlx_specdec.train",
+        "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)",
+    ),
 }
+# Commands that compute (restart with OpenBLAS on a Linux CPU, see `restart_with_openblas`).
+COMPUTING = ("generate", *EXTERNAL_COMMANDS)
+# Set by our own restart, so the restarted command can say it was restarted.
+RESTARTED = "MLX_SPECDEC_RESTARTED_WITH"
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number in [0, 1), got '{text}'") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 
@@ -76,6 +105,36 @@ def _note(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def target_switches(env: Mapping[str, str] | None = None) -> dict[str, bool | None]:
+    """The `Target` switches the environment sets (`load_pair`/`load_target` keywords):
+    MLX_SPECDEC_CPU_KERNELS=0 turns the CPU stand-ins off, MLX_SPECDEC_PADDED_ATTENTION=0/1
+    forces padded attention off/on. The one place these variables are read."""
+    env = os.environ if env is None else env
+    padded = env.get("MLX_SPECDEC_PADDED_ATTENTION")
+    return {
+        "stand_ins": False if env.get("MLX_SPECDEC_CPU_KERNELS") == "0" else None,
+        "padded_attention": {"0": False, "1": True}.get(padded or ""),
+    }
+
+
+def load_pair_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """`load_pair` with the model flags (`add_model_arguments`), the confidence threshold and
+    the environment's switches; then says on stderr what BLAS a CPU run uses."""
+    from .loading import load_pair
+
+    loaded = load_pair(
+        args.model,
+        args.drafter,
+        mode=args.mode,
+        drafter_bits=args.drafter_bits,
+        confidence_threshold=getattr(args, "confidence_threshold", 0.0),
+        **target_switches(),
+    )
+    if loaded[2] is not None and (line := blas_line()):
+        _note(line)
+    return loaded
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags that pick and load a target/drafter pair (shared by generate, serve, bench)."""
     p.add_argument("--model", help="target: Hugging Face repo id or local folder")
@@ -111,7 +170,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=unit_interval,
         default=0.0,
         help="DSpark: cut each round's drafts at the first slot whose confidence is below this",
     )
@@ -157,23 +216,32 @@ def restart_with_openblas() -> None:
     speculation gains little or loses. A preloaded OpenBLAS fixes that, and the loader only
     reads LD_PRELOAD when a process starts: so the command restarts itself once with the
     system's OpenBLAS preloaded, when there is one (returns when there is nothing to do).
-    MLX_SPECDEC_OPENBLAS=0 turns this off."""
+    MLX_SPECDEC_OPENBLAS=0 turns this off. The restarted command says so (`blas_line`)."""
     if not _on_linux_cpu():
         return
-    env = openblas_env(os.environ, system_openblas())
+    library = system_openblas()
+    env = openblas_env(os.environ, library)
     if env is None:
         return
-    # Silent: errors stay one line; `bench` names the BLAS in its machine line.
+    env[RESTARTED] = str(library)
     try:
         os.execve(sys.executable, [sys.executable, "-m", "mlx_specdec", *sys.argv[1:]], env)
-    except OSError:  # cannot restart (no interpreter path): carry on, the note will say why
+    except OSError:  # cannot restart (no interpreter path): carry on, `blas_line` says why
         return
 
 
-def cpu_blas_note() -> str | None:
-    """Where the command still runs on MLX's bundled BLAS on a Linux CPU (no system OpenBLAS,
-    or the restart turned off), a note saying what that costs and how to fix it, or None."""
-    if not _on_linux_cpu() or _openblas_preloaded(os.environ):
+def blas_line() -> str | None:
+    """One line for stderr about the BLAS a Linux CPU run uses, said once the pair has loaded
+    (so an error stays one line): that the command restarted itself with OpenBLAS, or, on
+    MLX's bundled BLAS, what that costs and how to fix it. None elsewhere."""
+    if not _on_linux_cpu():
+        return None
+    if library := os.environ.get(RESTARTED):
+        return (
+            f"mlx-specdec: restarted with OpenBLAS preloaded ({library}); "
+            "MLX_SPECDEC_OPENBLAS=0 turns this off"
+        )
+    if _openblas_preloaded(os.environ):
         return None
     library = system_openblas()
     how = (
@@ -191,14 +259,9 @@ def cpu_blas_note() -> str | None:
 
 def _generate(args: argparse.Namespace) -> int:
     from .generate import baseline_generate, encode_prompt, stream_speculative_generate
-    from .loading import load_pair
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    target, tokenizer, drafter, config = load_pair(
-        args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
-    )
-    if drafter is not None and (note := cpu_blas_note()):
-        print(note, file=sys.stderr)
+    target, tokenizer, drafter, config = load_pair_from_args(args)
     if config.mode == "baseline" and args.mode == "auto":
         print(f"[auto] no drafter known for '{config.target}': plain decoding", file=sys.stderr)
     elif args.mode == "auto":
@@ -221,7 +284,6 @@ def _generate(args: argparse.Namespace) -> int:
         drafter,
         ids,
         max_draft=max_draft,
-        confidence_threshold=args.confidence_threshold,
         **options,
     ):
         print(chunk.text, end="", flush=True)
@@ -254,7 +316,9 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the external subcommands only `command`'s module is imported (its flags
+    are added), so that e.g. `models` loads nothing it does not need."""
     parser = argparse.ArgumentParser(
         prog="mlx-specdec", description="Lossless speculative decoding on MLX"
     )
@@ -275,17 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list known targets and their drafters")
     m.set_defaults(func=_models)
 
-    for name, module_name in EXTERNAL_COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+    for name, (module_name, help_text) in EXTERNAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if argv is None:  # a real command line (not a call from Python): restart it if that pays
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(command).parse_args(words)
+    # A real command line (not a call from Python) that computes: restart it if that pays.
+    if argv is None and args.command in COMPUTING:
         restart_with_openblas()
     try:
         return args.func(args)

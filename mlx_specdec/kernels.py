@@ -7,15 +7,15 @@ operations in the same order, one compiled kernel; the tests check equality, not
 swapping them in changes speed only. Other dtypes, partial rotary dims and array offsets go to
 `mx.fast` unchanged.
 
-`cpu_kernels()` says whether to use them; `with_cpu_kernels(model)` gives a copy of an mlx-lm
-model that shares its weights and runs them (the model itself is left as mlx-lm made it, so
-mlx-lm's own decoding of it stays the baseline).
+`stand_ins_available()` says whether they work here; `weight_sharing_copy(model, stand_ins=True)`
+gives a copy of a model that shares its weights and runs them (the model itself is left as it
+was, so mlx-lm's own decoding of the target stays the baseline). Modules are built with mlx's own
+norm and RoPE; the stand-ins are swapped in only on such copies.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from functools import cache
 from typing import Any
 
@@ -24,10 +24,10 @@ import mlx.nn as nn
 
 
 @cache
-def cpu_kernels() -> bool:
-    """Use the stand-ins? Needs the CPU backend and a working kernel compiler (MLX builds CPU
-    kernels with the system's C++ compiler); `MLX_SPECDEC_CPU_KERNELS=0` turns them off."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLX_SPECDEC_CPU_KERNELS") == "0":
+def stand_ins_available() -> bool:
+    """Do the stand-ins pay and work here? They need the CPU backend and a working kernel
+    compiler (MLX builds CPU kernels with the system's C++ compiler)."""
+    if mx.default_device() != mx.cpu:
         return False
     try:
         mx.eval(mx.compile(lambda x: x * 2.0 + 1.0)(mx.ones((2,))))
@@ -50,10 +50,6 @@ class CompiledRMSNorm(nn.RMSNorm):
         if x.dtype != mx.float32:
             return super().__call__(x)
         return _rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(dims: int, eps: float) -> nn.RMSNorm:
-    return (CompiledRMSNorm if cpu_kernels() else nn.RMSNorm)(dims, eps=eps)
 
 
 @mx.compile
@@ -115,15 +111,16 @@ def _stand_in(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def with_cpu_kernels(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s module tree with the stand-ins in place of nn.RMSNorm/nn.RoPE. The
-    weights are the same arrays (no memory is copied); the original is not modified."""
+def weight_sharing_copy(model: nn.Module, *, stand_ins: bool) -> nn.Module:
+    """A copy of `model`'s module tree holding the same weight arrays (no memory is copied),
+    with the stand-ins in place of nn.RMSNorm/nn.RoPE if `stand_ins`. The original is not
+    modified, so classes can be swapped on the copy (layer taps) without touching it."""
     copies: dict[int, Any] = {}  # one copy per module, so shared submodules stay shared
 
     def visit(value: Any) -> Any:
         if isinstance(value, nn.Module):
             if id(value) not in copies:
-                new = _stand_in(value)
+                new = _stand_in(value) if stand_ins else None
                 if new is None:
                     new = copy.copy(value)
                     for key, child in value.items():

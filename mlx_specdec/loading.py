@@ -12,10 +12,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import registry
-from .drafters import family_of
+from .drafters import dspark, family_of
 from .drafters.base import Drafter
 from .drafters.layers import quantize_drafter
 from .errors import SpecDecError
+from .kernels import weight_sharing_copy
 from .target import Target
 
 DRAFTER_BITS = (4, 8, 16, 32)
@@ -150,8 +151,15 @@ def _load_into(model: nn.Module, weights: dict[str, mx.array], what: str) -> Non
     mx.eval(model.parameters())
 
 
-def load_target(model: str, name: str | None = None) -> tuple[Target, Any]:
-    """An mlx-lm model (repo id or folder) wrapped as a `Target`, and its tokenizer."""
+def load_target(
+    model: str,
+    name: str | None = None,
+    *,
+    stand_ins: bool | None = None,
+    padded_attention: bool | None = None,
+) -> tuple[Target, Any]:
+    """An mlx-lm model (repo id or folder) wrapped as a `Target`, and its tokenizer. The
+    switches are `Target`'s (None: its defaults for this backend)."""
     from mlx_lm.utils import load as mlx_load
 
     path = resolve_path(model, "model", _TARGET_FILES)
@@ -160,7 +168,10 @@ def load_target(model: str, name: str | None = None) -> tuple[Target, Any]:
         lm, tokenizer, config = mlx_load(str(path), return_config=True)
     except (FileNotFoundError, ValueError) as e:
         raise SpecDecError(f"cannot load model '{model}' with mlx-lm: {e}") from None
-    return Target(lm, config, name=name or model), tokenizer
+    target = Target(
+        lm, config, name=name or model, stand_ins=stand_ins, padded_attention=padded_attention
+    )
+    return target, tokenizer
 
 
 def _check_compatible(drafter: Drafter, config: dict, target: Target, what: str) -> None:
@@ -187,10 +198,16 @@ def _check_compatible(drafter: Drafter, config: dict, target: Target, what: str)
 
 
 def load_drafter(
-    drafter: str, target: Target, *, bits: int = 4, mode: str = "auto"
+    drafter: str,
+    target: Target,
+    *,
+    bits: int = 4,
+    mode: str = "auto",
+    confidence_threshold: float = 0.0,
 ) -> tuple[Drafter, dict[str, Any], list[str]]:
     """Load a drafter checkpoint for `target`. Returns (drafter, its config, tensors shared
-    with the target)."""
+    with the target). `confidence_threshold` is DSpark's draft cut (other families have no
+    confidence head and ignore it). The drafter runs the CPU stand-ins when the target does."""
     if bits not in DRAFTER_BITS:
         raise SpecDecError(f"--drafter-bits must be one of 4, 8, 16, 32, got {bits}")
     what = f"drafter '{drafter}'"
@@ -202,12 +219,15 @@ def load_drafter(
             f"--mode {mode} needs a {mode} drafter, but {what} is a {family.MODE} drafter "
             f"({(config.get('architectures') or ['?'])[0]})"
         )
-    model = family.build(config, what)
+    options = {"confidence_threshold": confidence_threshold} if family is dspark else {}
+    model = family.build(config, what, **options)
     _load_into(model, read_safetensors(path, "drafter"), what)
     _check_compatible(model, config, target, what)
     shared = model.share_target_tensors(target)
     quantize_drafter(model, bits)
     mx.eval(model.parameters())
+    if target.stand_ins:
+        model = weight_sharing_copy(model, stand_ins=True)
     return model, config, shared
 
 
@@ -224,12 +244,17 @@ def load_pair(
     *,
     mode: str = "auto",
     drafter_bits: int | None = None,
+    confidence_threshold: float = 0.0,
+    stand_ins: bool | None = None,
+    padded_attention: bool | None = None,
 ) -> tuple[Target, Any, Drafter | None, PairConfig]:
     """Load a target and its drafter: `(target, tokenizer, drafter, config)`.
 
     `mode` is `auto` (DSpark if the registry knows one, else DFlash, else EAGLE3, else plain
     decoding), `dspark`, `dflash`, `eagle3` or `baseline`; `drafter` overrides the registry.
-    `drafter_bits` defaults to `default_drafter_bits()`.
+    `drafter_bits` defaults to `default_drafter_bits()`. `confidence_threshold` as in
+    `load_drafter`; `stand_ins` and `padded_attention` as in `Target` (None: the defaults).
+    With no `model`, the embedded demo pair.
     """
     if drafter_bits is None:
         drafter_bits = default_drafter_bits()
@@ -246,12 +271,16 @@ def load_pair(
             f"no {resolved_mode} drafter is known for '{model}'; pass --drafter REPO_OR_PATH, or "
             "use --mode auto (see `mlx-specdec models`)"
         )
-    target, tokenizer = load_target(model)
+    target, tokenizer = load_target(model, stand_ins=stand_ins, padded_attention=padded_attention)
     config = PairConfig(mode=resolved_mode, target=model)
     if drafter_ref is None:
         return target, tokenizer, None, config
     loaded, drafter_config, shared = load_drafter(
-        drafter_ref, target, bits=drafter_bits, mode=resolved_mode
+        drafter_ref,
+        target,
+        bits=drafter_bits,
+        mode=resolved_mode,
+        confidence_threshold=confidence_threshold,
     )
     config.mode = loaded.kind if resolved_mode == "auto" else resolved_mode
     config.drafter, config.drafter_kind = drafter_ref, loaded.kind

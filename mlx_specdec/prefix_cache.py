@@ -1,10 +1,9 @@
 """Prefix caching: keep the target's KV cache and the drafter's context state of recent
 conversations, and start a new request from the longest token prefix it shares with one.
 
-Every cache the loop keeps (the target's layers, the drafter's context layers) is a KV cache
-whose rows are token positions, so an entry is one list of (keys, values) arrays cut to the
-same length and the tokens they hold. Entries are immutable copies: a request fills its own
-fresh caches with slices of them, so an entry stays valid whatever that request does.
+An entry is a `cache.Snapshot`: every layer's (keys, values) cut to the same length, and the
+tokens they hold. Entries are immutable copies: a request fills its own fresh caches with slices
+of them, so an entry stays valid whatever that request does.
 
 RAM holds an LRU bounded in bytes. With a folder, evicted entries are written there as
 safetensors files (one per entry, the tokens in the header) and read back when a later request
@@ -22,43 +21,18 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache
 
+from .cache import Snapshot
 from .errors import SpecDecError
-from .target import PaddedKVCache
 
 log = logging.getLogger("mlx_specdec.prefix_cache")
 
 FORMAT = "mlx-specdec-prefix/1"
-
-
-@dataclass(frozen=True, eq=False)
-class Entry:
-    """The first `len(tokens)` positions of a run's caches: target layers, then drafter layers."""
-
-    owner: str  # fingerprint of the target/drafter pair these caches belong to
-    tokens: np.ndarray  # int64 [n]
-    layers: tuple[tuple[mx.array, mx.array], ...]  # keys, values [B, heads, n, dim] per cache
-    n_target: int  # how many of `layers` are the target's
-
-    @property
-    def key(self) -> tuple[str, bytes]:
-        return self.owner, self.tokens.tobytes()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
-
-
-def cacheable(caches: Sequence[Any]) -> bool:
-    """Only plain KV caches can be cut to an arbitrary prefix (not quantized or rotating ones)."""
-    return all(type(c) in (KVCache, PaddedKVCache) for c in caches)
 
 
 def fingerprint(target: Any, drafter: Any) -> str:
@@ -85,30 +59,6 @@ def _weight_probe(w: mx.array) -> float:
     return round(float(w[:4].astype(mx.float32).sum().item()), 4)
 
 
-def take_snapshot(
-    owner: str, tokens: Sequence[int], target_cache: Sequence[KVCache], drafter_state: Sequence[Any]
-) -> Entry:
-    """Copy the first `len(tokens)` positions of every cache (every one must hold that many)."""
-    n = len(tokens)
-    layers = []
-    for c in (*target_cache, *drafter_state):
-        if c.offset < n:
-            raise SpecDecError(f"a cache holds {c.offset} positions, fewer than the {n} tokens")
-        layers.append((mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])))
-    mx.eval(layers)
-    return Entry(owner, np.asarray(tokens, dtype=np.int64), tuple(layers), len(target_cache))
-
-
-def restore(entry: Entry, length: int, caches: Sequence[KVCache]) -> None:
-    """Fill empty caches (target layers then drafter layers) with the entry's first `length`
-    positions."""
-    if len(caches) != len(entry.layers):
-        raise SpecDecError(f"the entry has {len(entry.layers)} layers, not {len(caches)}")
-    for c, (k, v) in zip(caches, entry.layers):
-        # Slices are new array objects: the cache's in-place writes never reach the entry.
-        c.keys, c.values, c.offset = k[..., :length, :], v[..., :length, :], length
-
-
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(a.shape[0], b.shape[0])
     differ = np.flatnonzero(a[:n] != b[:n])
@@ -116,7 +66,7 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class PrefixCache:
-    """An LRU of `Entry`s in RAM (at most `max_ram_mb`), optionally spilling to `spill_dir`
+    """An LRU of `Snapshot`s in RAM (at most `max_ram_mb`), optionally spilling to `spill_dir`
     (at most `max_disk_mb`). Thread-safe; one instance can serve several pairs."""
 
     def __init__(
@@ -131,7 +81,7 @@ class PrefixCache:
             )
         self.max_ram_bytes = int(max_ram_mb * 2**20)
         self.max_disk_bytes = int(max_disk_mb * 2**20)
-        self._ram: OrderedDict[tuple[str, bytes], Entry] = OrderedDict()
+        self._ram: OrderedDict[tuple[str, bytes], Snapshot] = OrderedDict()
         self._disk: OrderedDict[tuple[str, bytes], tuple[Path, np.ndarray, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.counts = {"hits": 0, "misses": 0, "reused_tokens": 0, "spilled": 0, "loaded": 0}
@@ -147,7 +97,7 @@ class PrefixCache:
             self._scan()
 
     # ------------------------------------------------------------------------------ lookup
-    def fetch(self, owner: str, tokens: Sequence[int]) -> tuple[Entry, int] | None:
+    def fetch(self, owner: str, tokens: Sequence[int]) -> tuple[Snapshot, int] | None:
         """The entry holding the longest prefix of `tokens`, and how many of its positions to
         use: at most all but the last token, whose logits start generation. None when nothing
         useful is cached."""
@@ -174,7 +124,7 @@ class PrefixCache:
         return entry, length
 
     # ------------------------------------------------------------------------------ update
-    def store(self, entry: Entry) -> None:
+    def store(self, entry: Snapshot) -> None:
         """Keep `entry` (most recent); entries it extends are dropped, as it serves their
         prefixes too. Evicts least recently used entries past the RAM bound (to disk if set)."""
         if len(entry.tokens) == 0:
@@ -192,7 +142,7 @@ class PrefixCache:
                 used -= old.nbytes
                 self._spill(old)
 
-    def drop(self, entry: Entry) -> None:
+    def drop(self, entry: Snapshot) -> None:
         """Forget an entry (RAM and disk): a request that used it failed or was inconsistent."""
         with self._lock:
             self._ram.pop(entry.key, None)
@@ -214,12 +164,12 @@ class PrefixCache:
             }
 
     # ------------------------------------------------------------------------------ disk tier
-    def _path(self, entry: Entry) -> Path:
+    def _path(self, entry: Snapshot) -> Path:
         assert self.spill_dir is not None
         digest = hashlib.sha256(entry.owner.encode() + entry.tokens.tobytes()).hexdigest()
         return self.spill_dir / f"prefix-{digest[:40]}.safetensors"
 
-    def _spill(self, entry: Entry) -> None:
+    def _spill(self, entry: Snapshot) -> None:
         if self.spill_dir is None or entry.key in self._disk:
             return
         path = self._path(entry)
@@ -263,7 +213,7 @@ class PrefixCache:
                 continue
             self._disk[key] = (path, tokens, path.stat().st_size)
 
-    def _load(self, key: tuple[str, bytes]) -> Entry | None:
+    def _load(self, key: tuple[str, bytes]) -> Snapshot | None:
         """Read a spilled entry back into RAM; a file that fails to load is deleted, with a
         warning."""
         path, tokens, _ = self._disk[key]
@@ -278,7 +228,7 @@ class PrefixCache:
                 layers.append((k, v))
             if len(arrays) != 2 * len(layers) or not 0 < n_target <= len(layers):
                 raise ValueError("unexpected arrays")
-            entry = Entry(key[0], tokens, tuple(layers), n_target)
+            entry = Snapshot(key[0], tokens, tuple(layers), n_target)
             mx.eval(entry.layers)
         except Exception as e:  # noqa: BLE001 - a bad file must never take the server down
             log.warning("prefix cache: ignoring %s (%s); deleted it", path, e)

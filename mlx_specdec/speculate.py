@@ -68,7 +68,6 @@ def speculate(
     max_draft: int | None = None,
     params: SamplingParams | None = None,
     eos_ids: Collection[int] = (),
-    confidence_threshold: float = 0.0,
     cache: list[Any] | None = None,
     drafter_state: Any = None,
     cached: int = 0,
@@ -90,7 +89,7 @@ def speculate(
     if params.seed is not None:
         mx.random.seed(params.seed)
     cache = target.make_cache() if cache is None else cache
-    state = drafter.new_state() if drafter_state is None else drafter_state
+    state = drafter.new_state(target.padded_attention) if drafter_state is None else drafter_state
     prompt = mx.array(list(prompt_ids[cached:]), dtype=mx.int32)
 
     logits, taps = target.prefill(prompt, cache)
@@ -104,13 +103,7 @@ def speculate(
     def launch(anchor: mx.array, context: mx.array, next_tokens: mx.array) -> _Launched:
         n = min(cap, max_new_tokens - produced - 1)
         if n > 0:
-            want_conf = confidence_threshold > 0
-            proposal = drafter.propose(state, context, next_tokens, n, params, want_conf)
-            if want_conf and proposal.confidence is not None:
-                conf = proposal.confidence.tolist()  # the cut needs the scores on the host
-                keep = next((k for k, c in enumerate(conf) if c < confidence_threshold), n)
-                q = proposal.q[:keep] if proposal.q is not None else None
-                proposal = Proposal(proposal.tokens[:keep], q)
+            proposal = drafter.propose(state, context, next_tokens, n, params)
         else:  # one token left: a plain target step
             proposal = Proposal(mx.zeros((0,), mx.int32))
         logits, taps = target(mx.concatenate([anchor, proposal.tokens]), cache)

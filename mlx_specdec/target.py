@@ -4,13 +4,12 @@ One forward returns the logits *and* the taps (the residual-stream outputs of th
 a drafter listens to) from the same pass. Taps are captured by swapping the class of the tapped
 layers for a subclass that records its output, so parameter names, quantization and
 `load_weights` are untouched and no family's forward loop is copied here.
-On the CPU the forward runs a weight-sharing copy of the model with compiled stand-ins for
-mx.fast's norm and RoPE (bit-identical, `kernels.py`); `Target.model` stays mlx-lm's.
+The forward runs a weight-sharing copy of the model (on the CPU with compiled stand-ins for
+mx.fast's norm and RoPE, bit-identical, `kernels.py`); `Target.model` stays as mlx-lm made it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
+from .cache import PaddedKVCache, padded_by_default
 from .errors import SpecDecError
-from .kernels import cpu_kernels, with_cpu_kernels
+from .kernels import stand_ins_available, weight_sharing_copy
 
 PREFILL_STEP = 512
 
@@ -47,64 +47,6 @@ def _tapped_class(base: type) -> type:
     return _TAPPED_CLASSES[base]
 
 
-def padded_by_default() -> bool:
-    """Padded attention where it pays (MLX's CUDA backend); MLX_SPECDEC_PADDED_ATTENTION=0/1
-    overrides."""
-    env = os.environ.get("MLX_SPECDEC_PADDED_ATTENTION")
-    if env in ("0", "1"):
-        return env == "1"
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
-
-
-def kv_cache(padded: bool | None = None) -> KVCache:
-    """A fresh KV cache: a `PaddedKVCache` if `padded` (default: `padded_by_default()`)."""
-    return PaddedKVCache() if (padded_by_default() if padded is None else padded) else KVCache()
-
-
-class PaddedKVCache(KVCache):
-    """A KV cache whose attention sees the whole allocated buffer (a multiple of `step` rows),
-    with an explicit mask hiding the rows past the offset.
-
-    Why: MLX's CUDA backend runs multi-token attention through cuDNN and builds (slowly) one
-    cuDNN graph per distinct key length. Verify rounds advance the context by a different
-    amount each round, so with exact-length keys nearly every round pays a graph build; with
-    the padded buffer the shapes repeat until the buffer grows. The masked rows add exact zeros.
-    """
-
-    def _capacity(self, n: int) -> int:
-        have = 0 if self.keys is None else self.keys.shape[2]
-        need = -(-(self.offset + n) // self.step) * self.step
-        return max(have, need)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        cap = self._capacity(n)
-        if self.keys is None or cap > self.keys.shape[2]:
-            grow = cap - (0 if self.keys is None else self.keys.shape[2])
-            b, h, _, dk = keys.shape
-            new_k = mx.zeros((b, h, grow, dk), keys.dtype)
-            new_v = mx.zeros((b, h, grow, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys, new_k], axis=2)
-                self.values = mx.concatenate([self.values, new_v], axis=2)
-        self.keys[..., self.offset : self.offset + n, :] = keys
-        self.values[..., self.offset : self.offset + n, :] = values
-        self.offset += n
-        return self.keys, self.values
-
-    def make_mask(
-        self, N: int, return_array: bool = False, window_size: int | None = None
-    ) -> mx.array:
-        query = self.offset + mx.arange(N)[:, None]
-        key = mx.arange(self._capacity(N))[None]
-        visible = key <= query
-        if window_size is not None:
-            visible = visible & (key > query - window_size)
-        return visible
-
-
 class Target:
     """An mlx-lm causal LM seen as `ids -> (logits, taps)` with a rollback-able cache."""
 
@@ -115,21 +57,17 @@ class Target:
         name: str = "target",
         *,
         stand_ins: bool | None = None,
+        padded_attention: bool | None = None,
     ):
         self.model = model  # as mlx-lm made it: mlx-lm's own decoding of it is the baseline
         self.config = config or {}
         self.name = name
-        # Our forward runs a copy sharing its weights, with the CPU stand-ins for mx.fast's
-        # norm and RoPE (bit-identical results, see kernels.py); `stand_ins` (default: where
-        # they pay) says whether. The copy holds the arrays the model holds now: change dtypes
-        # or weights before making the Target.
-        self.stand_ins = cpu_kernels() if stand_ins is None else stand_ins
-        ours = model
-        if self.stand_ins:
-            ours = with_cpu_kernels(model)
-            for layer in ours.layers:  # the copy starts untapped, whoever tapped the model
-                if type(layer) in _TAPPED_CLASSES.values():
-                    layer.__class__ = type(layer).__mro__[1]
+        # Our forward runs (and taps) a copy sharing the model's weights, so the caller's model
+        # is never changed. `stand_ins` (default: where they work) swaps in the CPU stand-ins
+        # for mx.fast's norm and RoPE (bit-identical results, see kernels.py). The copy holds
+        # the arrays the model holds now: change dtypes or weights before making the Target.
+        self.stand_ins = stand_ins_available() if stand_ins is None else stand_ins
+        ours = weight_sharing_copy(model, stand_ins=self.stand_ins)
         language = getattr(ours, "language_model", ours)
         self._language = language
         self.inner = language.model
@@ -137,7 +75,11 @@ class Target:
         self.num_layers = len(self.layers)
         self._sink = _TapSink()
         self.tap_ids: tuple[int, ...] = ()
-        self.padded_attention = padded_by_default()  # verify over padded KV (PaddedKVCache)
+        # Verify over padded KV (`PaddedKVCache`), for the target and the drafter's state alike;
+        # decided once here (default: where it pays).
+        self.padded_attention = (
+            padded_by_default() if padded_attention is None else padded_attention
+        )
         self._check_head()
 
     # ----------------------------------------------------------------------------- structure
@@ -227,7 +169,7 @@ class Target:
                     "another target"
                 )
         for i in ids:
-            layer = self.layers[i]
+            layer = self.layers[i]  # our copy's layer: the caller's model is never tapped
             if type(layer) not in _TAPPED_CLASSES.values():
                 layer.__class__ = _tapped_class(type(layer))
             layer._tap_sink = self._sink

@@ -1,5 +1,6 @@
 """Drafter families. Each module exposes ARCHITECTURES (the config `architectures` names it
-loads), MODE, `accepts_mode(config, mode)` and `build(config, what) -> Drafter`."""
+loads), MODE, `accepts_mode(config, mode)` and `build(config, what, **options) -> Drafter`
+(a `base.Drafter`; DSpark's only option is `confidence_threshold`)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """z-lab DFlash (v1, `DFlashDraftModel`): a block-diffusion drafter that embeds its block with the
-target's embedding and decodes it with the target's LM head. Spec: shared/specs/dflash-spec.md.
+target's embedding and decodes it with the target's LM head. z-lab's `DFlashDraftModel` is the
+reference; tests/fixtures/conformance holds its outputs.
 
 One forward drafts a whole block: [anchor, mask x (B-1)] attends to the injected target context
 and (bidirectionally, in full-attention layers) to itself; block row k predicts the token at
 anchor + k (not shifted, unlike DSpark), so rows 1..B-1 are the B-1 drafts.
 
-Cap semantics (spec §3.7 B): a round always drafts the full trained block and the loop verifies
+Cap semantics: a round always drafts the full trained block and the loop verifies
 only the first `n` drafts. Shrinking the block instead would change every slot's output, since the
 block attends to all its mask rows, so slot k would no longer be what the drafter was trained to
 predict; with the full block, acceptance at slot k is the same whatever the cap, and the few extra
@@ -22,10 +23,10 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
+from ..cache import kv_cache
 from ..errors import SpecDecError
-from ..kernels import rms_norm
 from ..sampling import SamplingParams
-from ..target import Target, kv_cache
+from ..target import Target
 from .base import Proposal
 from .layers import (
     BACKBONE_KEYS,
@@ -125,16 +126,15 @@ def block_mask(start: int, size: int, window: int | None, causal: bool) -> mx.ar
 
 
 class DFlashDrafter(nn.Module):
-    kind = "dflash"
-
     def __init__(self, config: DFlashConfig):
         super().__init__()
         s = config.shape
         self.config = config
+        self.kind = MODE
         self.tap_ids = config.target_layer_ids
         self.max_draft = config.block_size - 1
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.layers = [
             InjectedDecoderLayer(s, config.intermediate_size) for _ in range(config.num_layers)
         ]
@@ -147,7 +147,7 @@ class DFlashDrafter(nn.Module):
                     config.rope_scaling,
                     config.max_position_embeddings,
                 )
-        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         # The target, bound by `share_target_tensors`; a plain attribute so its weights are never
         # part of (or quantized with) ours.
         object.__setattr__(self, "_target", None)
@@ -162,8 +162,8 @@ class DFlashDrafter(nn.Module):
         object.__setattr__(self, "_target", target)
         return ["embed_tokens", "lm_head"]
 
-    def new_state(self) -> list[KVCache]:
-        return [kv_cache() for _ in self.layers]
+    def new_state(self, padded: bool = False) -> list[KVCache]:
+        return [kv_cache(padded) for _ in self.layers]
 
     def _bound(self) -> Target:
         if self._target is None:
@@ -204,7 +204,6 @@ class DFlashDrafter(nn.Module):
         next_tokens: mx.array,
         n: int,
         params: SamplingParams,
-        with_confidence: bool = False,
     ) -> Proposal:
         cfg = self.config
         block = anchor_block(next_tokens, cfg.block_size, cfg.mask_token_id)

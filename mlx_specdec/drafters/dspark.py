@@ -1,6 +1,7 @@
 """DSpark (DeepSpec `Qwen3DSparkModel` / `Gemma4DSparkModel`): a parallel KV-injection backbone, a
 sequential low-rank Markov head and a confidence head. DeepSpec's DFlash checkpoints are the same
-classes with `markov_rank = 0` and no confidence head. Spec: shared/specs/dspark-spec.md."""
+classes with `markov_rank = 0` and no confidence head. The DeepSpec repository's
+`Qwen3DSparkModel` is the reference; tests/fixtures/conformance holds its outputs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
+from ..cache import kv_cache
 from ..errors import SpecDecError
-from ..kernels import rms_norm
 from ..sampling import SamplingParams
-from ..target import kv_cache
 from .base import Proposal
 from .layers import (
     BACKBONE_KEYS,
@@ -22,6 +22,7 @@ from .layers import (
     TargetCopies,
     anchor_block,
     attention_shape,
+    check_gemma4_drafter,
     gemma4_attention_shape,
     gemma_embed_scale,
     pick,
@@ -49,6 +50,11 @@ class DSparkConfig:
     gemma: bool = False  # Gemma-4 layers, scaled embeddings, soft-capped logits
     logit_softcap: float | None = None
 
+    @property
+    def kind(self) -> str:
+        """DeepSpec's DFlash checkpoints are this layout without a Markov head."""
+        return "dspark" if self.markov_rank else "dflash"
+
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> DSparkConfig:
         keys = BACKBONE_KEYS + ("block_size", "mask_token_id", "target_layer_ids")
@@ -62,7 +68,7 @@ class DSparkConfig:
         architecture = (c.get("architectures") or ["?"])[0]
         gemma = architecture == "Gemma4DSparkModel"
         if gemma:
-            _check_gemma4(c, where)
+            check_gemma4_drafter(c, where)
         return cls(
             shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
             intermediate_size=int(c["intermediate_size"]),
@@ -81,21 +87,6 @@ class DSparkConfig:
         )
 
 
-def _check_gemma4(c: dict, where: str) -> None:
-    """Refuse the Gemma-4 options the reference drafter asserts off or that would change it."""
-    if c.get("enable_moe_block"):
-        raise SpecDecError(f"{where}: Gemma-4 drafters with MoE blocks are not supported")
-    if c.get("hidden_size_per_layer_input"):
-        raise SpecDecError(f"{where}: Gemma-4 drafters with per-layer inputs are not supported")
-    # The reference would make the last draft layers KV-shared/double-wide in that case (the
-    # count is inherited from the target: gemma-4-12B's 0, or the E2B/E4B's 20 > draft layers).
-    if 0 < int(c.get("num_kv_shared_layers") or 0) < int(c["num_hidden_layers"]):
-        raise SpecDecError(f"{where}: Gemma-4 drafters with KV-shared layers are not supported")
-    act = c.get("hidden_activation", "gelu_pytorch_tanh")
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise SpecDecError(f"{where}: Gemma-4 drafter activation '{act}' is not supported")
-
-
 class MarkovHead(nn.Module):
     """First-order token transition bias: bias(prev) = W2 · W1[prev]."""
 
@@ -112,22 +103,29 @@ class ConfidenceHead(nn.Module):
 
 
 class DSparkDrafter(TargetCopies, nn.Module):
-    kind = "dspark"
+    """`confidence_threshold` > 0 cuts each round's drafts at the first slot whose confidence
+    head scores below it (needs a confidence head; without one it has no effect)."""
 
-    def __init__(self, config: DSparkConfig):
+    def __init__(self, config: DSparkConfig, confidence_threshold: float = 0.0):
         super().__init__()
+        if not 0 <= confidence_threshold < 1:
+            raise SpecDecError(
+                f"confidence threshold must be in [0, 1), got {confidence_threshold}"
+            )
         s = config.shape
         self.config = config
+        self.kind = config.kind
+        self.confidence_threshold = confidence_threshold
         self.tap_ids = config.target_layer_ids
         self.max_draft = config.block_size
         self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.layers = [
             InjectedDecoderLayer(s, config.intermediate_size, gemma=config.gemma)
             for _ in range(config.num_layers)
         ]
-        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
         if config.markov_rank:
             self.markov_head = MarkovHead(config.vocab_size, config.markov_rank)
@@ -139,8 +137,8 @@ class DSparkDrafter(TargetCopies, nn.Module):
             self._embed_scale = gemma_embed_scale(s.hidden_size)
             self._logit_softcap = config.logit_softcap
 
-    def new_state(self) -> list[KVCache]:
-        return [kv_cache() for _ in self.layers]
+    def new_state(self, padded: bool = False) -> list[KVCache]:
+        return [kv_cache(padded) for _ in self.layers]
 
     def backbone(
         self, block: mx.array, context: mx.array | None, caches: list[KVCache]
@@ -159,7 +157,6 @@ class DSparkDrafter(TargetCopies, nn.Module):
         next_tokens: mx.array,
         n: int,
         params: SamplingParams,
-        with_confidence: bool = False,
     ) -> Proposal:
         cfg = self.config
         block = anchor_block(next_tokens, cfg.block_size, cfg.mask_token_id)
@@ -181,13 +178,16 @@ class DSparkDrafter(TargetCopies, nn.Module):
             mx.concatenate(tokens) if tokens else mx.zeros((0,), mx.int32),
             mx.concatenate(qs) if qs else None,
         )
-        if with_confidence and cfg.confidence_head and n:
+        if self.confidence_threshold > 0 and cfg.confidence_head and n:
             feats = h
             if cfg.confidence_with_markov:
                 feats = mx.concatenate([h, w1(mx.concatenate(prevs)).astype(h.dtype)], axis=-1)
-            proposal.confidence = mx.sigmoid(
-                self.confidence_head.proj(feats)[:, 0].astype(mx.float32)
-            )
+            confidence = mx.sigmoid(self.confidence_head.proj(feats)[:, 0].astype(mx.float32))
+            # The cut needs the scores on the host: one extra sync, only when asked for.
+            scores = confidence.tolist()
+            keep = next((k for k, c in enumerate(scores) if c < self.confidence_threshold), n)
+            q = proposal.q[:keep] if proposal.q is not None else None
+            proposal = Proposal(proposal.tokens[:keep], q)
         return proposal
 
 
@@ -196,5 +196,5 @@ def accepts_mode(config: dict, mode: str) -> bool:
     return mode == "dflash" and not int(config.get("markov_rank", 0))
 
 
-def build(config: dict, what: str) -> DSparkDrafter:
-    return DSparkDrafter(DSparkConfig.from_dict(config, what))
+def build(config: dict, what: str, confidence_threshold: float = 0.0) -> DSparkDrafter:
+    return DSparkDrafter(DSparkConfig.from_dict(config, what), confidence_threshold)

@@ -1,7 +1,7 @@
 """EAGLE3 (DeepSpec `Qwen3Eagle3Model` / `Gemma4Eagle3Model`): one decoder layer that drafts
-autoregressively. Spec: shared/specs/dspark-spec.md §5.2 (the Gemma4 variant takes the DSpark Gemma4
-deltas of §1.6: global head dim, K=V with v_norm, attention scale 1, sandwich norms and gelu-tanh
-MLP, scaled embeddings, soft-capped logits).
+autoregressively. The Gemma4 variant takes DSpark's Gemma-4 deltas: global head dim, K=V with
+v_norm, attention scale 1, sandwich norms and gelu-tanh MLP, scaled embeddings, soft-capped
+logits.
 
 Each row pairs a hidden state with a token: the fused target taps of position i (or, inside a
 chain, the drafter's own previous output) with the token at i + 1, at RoPE position i. The layer
@@ -19,22 +19,21 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from ..errors import SpecDecError
-from ..kernels import rms_norm
 from ..sampling import SamplingParams
 from .base import Proposal
-from .dspark import _check_gemma4
 from .layers import (
     BACKBONE_KEYS,
     AttentionShape,
     InjectedAttention,
     InjectedDecoderLayer,
     TargetCopies,
-    _heads,
     attention_shape,
+    check_gemma4_drafter,
     gemma4_attention_shape,
     gemma_embed_scale,
     pick,
     require_keys,
+    split_heads,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
@@ -66,7 +65,7 @@ class Eagle3Config:
             raise SpecDecError(f"{where}: ttt_length must be >= 1, got {ttt}")
         gemma = (c.get("architectures") or ["?"])[0] == "Gemma4Eagle3Model"
         if gemma:
-            _check_gemma4(c, where)
+            check_gemma4_drafter(c, where)
         cap = c.get("final_logit_softcapping") if gemma else None
         return cls(
             shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
@@ -92,7 +91,7 @@ class Eagle3Attention(InjectedAttention):
         cached rows, so the reference's causal (prefill) and unmasked (re-extend) forwards agree
         on it, and the other rows' outputs are never used."""
         k, v = cache.update_and_fetch(*self.keys_values(x, cache.offset))
-        q = _heads(self.q_proj(x[:, -1:]), self.n_heads, self.head_dim)
+        q = split_heads(self.q_proj(x[:, -1:]), self.n_heads, self.head_dim)
         q = self.rope(self.q_norm(q), offset=cache.offset - 1)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
@@ -105,7 +104,7 @@ class Eagle3Layer(InjectedDecoderLayer):
 
     def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
         super().__init__(s, intermediate_size, gemma=gemma)
-        self.hidden_norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.self_attn = Eagle3Attention(s)
 
     def __call__(self, embeds: mx.array, hidden: mx.array, cache: KVCache) -> mx.array:
@@ -123,25 +122,25 @@ class Eagle3Layer(InjectedDecoderLayer):
 
 
 class Eagle3Drafter(TargetCopies, nn.Module):
-    kind = "eagle3"
-
     def __init__(self, config: Eagle3Config):
         super().__init__()
         s = config.shape
         self.config = config
+        self.kind = MODE
         self.tap_ids = config.target_layer_ids
         self.max_draft = config.ttt_length
         self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
         self.layers = [Eagle3Layer(s, config.intermediate_size, gemma=config.gemma)]
-        self.norm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
         object.__setattr__(self, "_shared", {})
         if config.gemma:
             self._embed_scale = gemma_embed_scale(s.hidden_size)
             self._logit_softcap = config.logit_softcap
 
-    def new_state(self) -> list[KVCache]:
+    def new_state(self, padded: bool = False) -> list[KVCache]:
+        # Never padded: after the 1-row chain steps, shapes repeat without it.
         return [KVCache()]
 
     def extend(self, cache: KVCache, context: mx.array, next_tokens: mx.array) -> mx.array:
@@ -163,7 +162,6 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         next_tokens: mx.array,
         n: int,
         params: SamplingParams,
-        with_confidence: bool = False,
     ) -> Proposal:
         cache = state[0]
         h = self.extend(cache, context, next_tokens.astype(mx.int32))
