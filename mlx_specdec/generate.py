@@ -12,9 +12,10 @@ from typing import Any
 import mlx.core as mx
 
 from .autocap import resolve_max_draft
+from .cache import cacheable, restore, take_snapshot
 from .drafters.base import Drafter
 from .errors import SpecDecError
-from .prefix_cache import PrefixCache, cacheable, fingerprint, restore, take_snapshot
+from .prefix_cache import PrefixCache, fingerprint
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
@@ -156,7 +157,6 @@ def stream_speculative_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     seed: int | None = None,
-    confidence_threshold: float = 0.0,
     chat: bool = True,
     enable_thinking: bool | None = None,
     prefix_cache: PrefixCache | None = None,
@@ -172,8 +172,6 @@ def stream_speculative_generate(
     params = SamplingParams(temperature, top_p, top_k, min_p, seed)
     if max_new_tokens < 1:
         raise SpecDecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if confidence_threshold < 0 or confidence_threshold >= 1:
-        raise SpecDecError(f"confidence threshold must be in [0, 1), got {confidence_threshold}")
     ids = encode_prompt(tokenizer, prompt, chat=chat, enable_thinking=enable_thinking)
     if not ids:
         raise SpecDecError("the prompt is empty")
@@ -193,7 +191,6 @@ def stream_speculative_generate(
             max_draft=max_draft,
             params=params,
             eos_ids=eos,
-            confidence_threshold=confidence_threshold,
             cache=cache,
             drafter_state=drafter_state,
             cached=cached,
@@ -221,7 +218,7 @@ def _reusing_prefix(
     early (cancelled) keeps nothing, as its caches may hold uncommitted rows."""
     # Plain decoding is mlx-lm's own step: one-row attention, which padding would only slow.
     target_cache = target.make_cache(padded=False if drafter is None else None)
-    drafter_state = drafter.new_state() if drafter is not None else []
+    drafter_state = drafter.new_state(target.padded_attention) if drafter is not None else []
     if not (cacheable(target_cache) and cacheable(drafter_state)):
         info["prefix_cache"] = "unsupported"
         yield from run(target_cache, drafter_state, 0)
