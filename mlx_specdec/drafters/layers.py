@@ -1,5 +1,6 @@
 """Layers shared by the drafters: attention with injected target context, the draft decoder
-layer (Qwen3 or Gemma-4 style), and the quantize/share helpers every drafter loader uses."""
+layer (Qwen3 or Gemma-4 style), the Gemma-4 helpers, and the quantize/share helpers every
+drafter loader uses."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from mlx_lm.models.gemma4_text import RMSNormNoScale, geglu
 from mlx_lm.models.qwen3 import MLP
 from mlx_lm.models.rope_utils import initialize_rope
 
+from ..cache import PaddedKVCache
 from ..errors import SpecDecError
-from ..kernels import TableRoPE, cpu_kernels, rms_norm
 from ..sampling import SamplingParams, draw, probs
-from ..target import PaddedKVCache
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class AttentionShape:
     scale: float | None = None  # None: head_dim ** -0.5
 
 
-def _heads(x: mx.array, n: int, d: int) -> mx.array:
-    """[1, T, n*d] -> [1, n, T, d]."""
-    return x.reshape(1, x.shape[1], n, d).transpose(0, 2, 1, 3)
+def split_heads(x: mx.array, n: int, d: int) -> mx.array:
+    """[S, T, n*d] -> [S, n, T, d]."""
+    return x.reshape(x.shape[0], x.shape[1], n, d).transpose(0, 2, 1, 3)
 
 
 def _hide_padding(mask: mx.array | None, valid: int, capacity: int, rows: int) -> mx.array:
@@ -73,17 +73,24 @@ class InjectedAttention(nn.Module):
                 s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias
             )
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
-        self.q_norm = rms_norm(s.head_dim, s.rms_norm_eps)
-        self.k_norm = rms_norm(s.head_dim, s.rms_norm_eps)
+        self.q_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
         if s.v_norm:
             self.v_norm = RMSNormNoScale(s.head_dim, eps=s.rms_norm_eps)
         self.rope = make_rope(s)
         self.scale = s.head_dim**-0.5 if s.scale is None else s.scale
 
-    def keys_values(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array]:
-        raw_k = _heads(self.k_proj(x), self.n_kv, self.head_dim)
+    def queries(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """x [N, L, H] -> normed queries [N, heads, L, d] RoPE'd at positions offset + 0..L-1
+        (`offset`: one int, or an array [N] of one per row of the batch)."""
+        q = self.q_norm(split_heads(self.q_proj(x), self.n_heads, self.head_dim))
+        return self.rope(q, offset=offset)
+
+    def keys_values(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        """x [N, L, H] -> keys and values [N, kv_heads, L, d], keys at positions as `queries`."""
+        raw_k = split_heads(self.k_proj(x), self.n_kv, self.head_dim)
         k = self.rope(self.k_norm(raw_k), offset=offset)
-        v = _heads(self.v_proj(x), self.n_kv, self.head_dim) if "v_proj" in self else raw_k
+        v = split_heads(self.v_proj(x), self.n_kv, self.head_dim) if "v_proj" in self else raw_k
         if "v_norm" in self:
             v = self.v_norm(v)
         return k, v
@@ -101,16 +108,20 @@ class InjectedAttention(nn.Module):
         else:
             ctx_k = ctx_v = None
         start = cache.offset
-        q = self.rope(
-            self.q_norm(_heads(self.q_proj(x), self.n_heads, self.head_dim)), offset=start
-        )
+        q = self.queries(x, start)
         k, v = self.keys_values(x, start)
         if ctx_k is not None:
             if padded and ctx_k.shape[2] > start:
                 mask = _hide_padding(mask, start, ctx_k.shape[2], x.shape[1])
             k, v = mx.concatenate([ctx_k, k], axis=2), mx.concatenate([ctx_v, v], axis=2)
+        return self.attend(q, k, v, mask)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any = None) -> mx.array:
+        """Queries [N, heads, L, d] over keys/values [N, kv_heads, K, d] -> the projected output
+        [N, L, H]. `mask`: None (all visible) or a boolean/additive mask broadcasting to
+        [N, heads, L, K]."""
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, x.shape[1], -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1))
 
 
 class GeluMLP(MLP):
@@ -128,19 +139,24 @@ class InjectedDecoderLayer(nn.Module):
     def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
         super().__init__()
         self.gemma = gemma
-        self.input_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.self_attn = InjectedAttention(s)
-        self.post_attention_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.mlp = (GeluMLP if gemma else MLP)(s.hidden_size, intermediate_size)
         if gemma:
-            self.pre_feedforward_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
-            self.post_feedforward_layernorm = rms_norm(s.hidden_size, s.rms_norm_eps)
+            self.pre_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
+            self.post_feedforward_layernorm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
             self.layer_scalar = mx.ones((1,))
 
     def __call__(
         self, x: mx.array, context: mx.array | None, cache: KVCache, mask: Any = None
     ) -> mx.array:
         attn = self.self_attn(self.input_layernorm(x), context, cache, mask)
+        return self.after_attention(x, attn)
+
+    def after_attention(self, x: mx.array, attn: mx.array) -> mx.array:
+        """The rest of the layer given its input `x` and attention output `attn`: residuals,
+        norms and MLP."""
         if not self.gemma:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -177,8 +193,6 @@ def make_rope(s: AttentionShape) -> nn.Module:
                 "partial_rotary_factor": s.partial_rotary_factor,
             },
         )
-    if cpu_kernels():
-        return TableRoPE(s.head_dim, s.rope_theta)
     return nn.RoPE(s.head_dim, traditional=False, base=s.rope_theta)
 
 
@@ -294,6 +308,21 @@ class TargetCopies:
             self._shared["lm_head"] = target.project  # no soft-cap: `_head` applies ours
             shared.append("lm_head")
         return shared
+
+
+def check_gemma4_drafter(c: dict, where: str) -> None:
+    """Refuse the Gemma-4 options the reference drafter asserts off or that would change it."""
+    if c.get("enable_moe_block"):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with MoE blocks are not supported")
+    if c.get("hidden_size_per_layer_input"):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with per-layer inputs are not supported")
+    # The reference would make the last draft layers KV-shared/double-wide in that case (the
+    # count is inherited from the target: gemma-4-12B's 0, or the E2B/E4B's 20 > draft layers).
+    if 0 < int(c.get("num_kv_shared_layers") or 0) < int(c["num_hidden_layers"]):
+        raise SpecDecError(f"{where}: Gemma-4 drafters with KV-shared layers are not supported")
+    act = c.get("hidden_activation", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise SpecDecError(f"{where}: Gemma-4 drafter activation '{act}' is not supported")
 
 
 def gemma_embed_scale(hidden_size: int) -> float:
