@@ -369,7 +369,7 @@ def drafter_data(work: Path, args: argparse.Namespace) -> dict:
     drafters to predict), in `work/drafter_data.jsonl`; shared by both drafters."""
     from mlx_specdec.generate import encode_prompt
     from mlx_specdec.loading import load_target
-    from mlx_specdec.train import generate_answers
+    from mlx_specdec.train.data import generate_answers
 
     out, info_file = work / "drafter_data.jsonl", work / "drafter_data.json"
     if out.is_file() and info_file.is_file():

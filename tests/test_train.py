@@ -16,15 +16,15 @@ from mlx_lm.utils import _get_classes, save_config, save_model
 from mlx_specdec.cli import main
 from mlx_specdec.generate import encode_prompt, speculative_generate
 from mlx_specdec.loading import load_drafter, load_pair, load_target
-from mlx_specdec.train import (
-    TrainOptions,
+from mlx_specdec.train import TrainOptions
+from mlx_specdec.train.checkpoint import write_checkpoint
+from mlx_specdec.train.data import generate_answers
+from mlx_specdec.train.model import (
     block_forward,
     default_taps,
     drafter_config,
-    generate_answers,
     init_drafter,
     target_pass,
-    write_checkpoint,
 )
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3" / "target"
