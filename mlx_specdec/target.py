@@ -177,19 +177,35 @@ class Target:
         self.tap_ids = ids
 
     # ----------------------------------------------------------------------------- forward
+    def _forward(self, ids: mx.array, cache: list[Any] | None) -> tuple[mx.array, mx.array | None]:
+        """ids [S, T] -> (final-normed hidden states [S, T, H], taps [S, T, m*H] or None)."""
+        self._sink.values.clear()
+        h = self.inner(ids, cache=cache)
+        taps = None
+        if self.tap_ids:
+            taps = mx.concatenate([self._sink.values[i] for i in self.tap_ids], axis=-1)
+            self._sink.values.clear()
+        return h, taps
+
     def __call__(
         self, ids: mx.array, cache: list[Any], *, last_only: bool = False
     ) -> tuple[mx.array, mx.array | None]:
         """Forward `ids` ([T] int) on top of `cache`: (logits [T or 1, V], taps [T, m*H])."""
-        self._sink.values.clear()
-        h = self.inner(ids[None], cache=cache)
-        taps = None
-        if self.tap_ids:
-            taps = mx.concatenate([self._sink.values[i] for i in self.tap_ids], axis=-1)[0]
-            self._sink.values.clear()
+        h, taps = self._forward(ids[None], cache)
         if last_only:
             h = h[:, -1:]
-        return self.head(h)[0], taps
+        return self.head(h)[0], (None if taps is None else taps[0])
+
+    def forward_batch(self, ids: mx.array) -> tuple[mx.array, mx.array | None]:
+        """A cache-free causal forward of sequences `ids` [S, T] (right padding leaves the real
+        rows exact): (logits [S, T, V], taps [S, T, m*H]). What drafter training reads."""
+        h, taps = self._forward(ids, None)
+        return self.head(h), taps
+
+    @property
+    def state(self) -> list[Any]:
+        """The arrays our forward reads (for `mx.compile(inputs=...)`)."""
+        return [self.inner.state, self.head_module.state]
 
     def prefill(self, ids: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array | None]:
         """Process a prompt in chunks; returns (logits of the last row [V], taps of all rows)."""

@@ -33,7 +33,6 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
-    split_heads,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
@@ -91,10 +90,7 @@ class Eagle3Attention(InjectedAttention):
         cached rows, so the reference's causal (prefill) and unmasked (re-extend) forwards agree
         on it, and the other rows' outputs are never used."""
         k, v = cache.update_and_fetch(*self.keys_values(x, cache.offset))
-        q = split_heads(self.q_proj(x[:, -1:]), self.n_heads, self.head_dim)
-        q = self.rope(self.q_norm(q), offset=cache.offset - 1)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(1, 1, -1))
+        return self.attend(self.queries(x[:, -1:], cache.offset - 1), k, v)
 
 
 class Eagle3Layer(InjectedDecoderLayer):
@@ -111,14 +107,7 @@ class Eagle3Layer(InjectedDecoderLayer):
         """embeds, hidden [1, T, H] -> the last row's output hidden state [1, 1, H] (pre-norm;
         it is also the next chain step's hidden input)."""
         x = mx.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
-        attn = self.self_attn(x, cache)
-        h = hidden[:, -1:]
-        if not self.gemma:
-            h = h + attn
-            return h + self.mlp(self.post_attention_layernorm(h))
-        h = h + self.post_attention_layernorm(attn)
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h * self.layer_scalar
+        return self.after_attention(hidden[:, -1:], self.self_attn(x, cache))
 
 
 class Eagle3Drafter(TargetCopies, nn.Module):

@@ -102,8 +102,7 @@ def train_drafter(
     zlab = layout == "zlab"
     # The target's weights as its forward reads them: those of its weight-sharing copy (the
     # arrays are `target.model`'s, but compile swaps inputs in the containers it is given).
-    target_state = [target.inner.state, target.head_module.state]
-    state = [drafter.state, opt.state, mx.random.state, target_state]
+    state = [drafter.state, opt.state, mx.random.state, target.state]
 
     def train_step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         ids = batch[0]

@@ -261,13 +261,6 @@ def block_loss(
 
 
 def target_pass(target: Target, ids: mx.array) -> tuple[mx.array, mx.array]:
-    """One frozen target forward over the whole batch: (logits [S, T, V], taps [S, T, m*H]).
-
-    Rows are right-padded, so a causal mask keeps every real row exact. `Target.__call__`
-    runs one sequence on a cache; this reads the taps its tapped layers leave in its sink."""
-    sink = target._sink  # the tapped layers record their outputs here during the forward
-    sink.values.clear()
-    h = target.inner(ids, cache=None)
-    taps = mx.concatenate([sink.values[i] for i in target.tap_ids], axis=-1)
-    sink.values.clear()
-    return mx.stop_gradient(target.head(h)), mx.stop_gradient(taps)
+    """One frozen target forward over the whole batch: (logits [S, T, V], taps [S, T, m*H])."""
+    logits, taps = target.forward_batch(ids)
+    return mx.stop_gradient(logits), mx.stop_gradient(taps)
