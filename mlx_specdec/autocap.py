@@ -265,7 +265,7 @@ def measure_costs(
     verify_ms = {k: _median_ms(forward(k), reps, share) for k in widths}
     draft_ms: dict[int, float] = {}
     if drafter is not None and taps is not None:
-        state = drafter.new_state()
+        state = drafter.new_state(target.padded_attention)  # as the loop makes it
         mx.eval(drafter.propose(state, taps, ids, 1, params).tokens)
         rows = max(1, min(context_rows, drafter.max_draft + 1))
 

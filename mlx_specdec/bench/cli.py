@@ -8,12 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from ..autocap import cache_file
-from ..cli import cap_cache_folder
+from ..cli import EXTERNAL_COMMANDS, cap_cache_folder
 from ..errors import SpecDecError
 from .run import ALL_MODES, demo_pair_args, run_bench
 from .synthetic import SHAPES, run_synthetic
-
-HELP = "benchmark modes head to head: speed-up, acceptance, cost model, lossless verdict"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m mlx_specdec.bench ...`: the same command without the other subcommands."""
-    parser = argparse.ArgumentParser(prog="mlx-specdec bench", description=HELP)
+    _, about = EXTERNAL_COMMANDS["bench"]
+    parser = argparse.ArgumentParser(prog="mlx-specdec bench", description=about)
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

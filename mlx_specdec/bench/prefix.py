@@ -20,14 +20,11 @@ import time
 from typing import Any
 
 from ..autocap import machine_info
-from ..cli import add_model_arguments
+from ..cli import add_model_arguments, load_pair_from_args
 from ..errors import SpecDecError
 from ..generate import encode_prompt, stream_speculative_generate
-from ..loading import load_pair
 from ..prefix_cache import PrefixCache
 from .report import machine_line
-
-HELP = "time to first token of a follow-up turn, cold vs from the prefix cache"
 
 
 def shared_context(tokenizer: Any, tokens: int) -> str:
@@ -139,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
         ) from None
     if min(sizes) < 16 or args.trials < 1 or args.max_new_tokens < 1:
         raise SpecDecError("--contexts must be >= 16 tokens, --trials and --max-new-tokens >= 1")
-    target, tokenizer, drafter, config = load_pair(
-        args.model, args.drafter, mode=args.mode, drafter_bits=args.drafter_bits
-    )
+    target, tokenizer, drafter, config = load_pair_from_args(args)
     pair = (target, tokenizer, drafter)
     rows = []
     for n in sizes:

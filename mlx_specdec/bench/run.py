@@ -25,6 +25,7 @@ from ..autocap import (
     store_auto_cap,
     survival_from_rounds,
 )
+from ..cli import blas_line, target_switches
 from ..demo import KINDS, demo_paths, draft_lm_path
 from ..drafters.base import Drafter
 from ..errors import SpecDecError
@@ -320,7 +321,7 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
     prompts = load_prompts(args.prompts, args.limit)
     params = SamplingParams(args.temperature, seed=args.seed)
 
-    target, tokenizer = load_target(args.model)
+    target, tokenizer = load_target(args.model, **target_switches())
     drafters = _load_drafters(args, modes, target, drafter_refs)
     draft_lm = None
     if "draft-model" in modes:
@@ -331,6 +332,8 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
                 f"target has {target.vocab_size}: they must share a vocabulary"
             )
         draft_lm = small.model
+    if line := blas_line():  # after loading, so that an error stays one line
+        print(line, file=sys.stderr)
     ids = [
         encode_prompt(
             tokenizer,

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..autocap import expected_accept, geometric_survival, machine_info, measure_costs
+from ..cli import blas_line, target_switches
 from ..drafters.base import Drafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, baseline_steps, stream_steps
@@ -70,12 +71,16 @@ SHAPES: dict[str, Shape] = {
 DSPARK_BLOCK, DSPARK_LAYERS, DSPARK_RANK = 7, 5, 256  # the released DSpark drafters
 
 
-def synthetic_pair(name: str, target_bits: int, drafter_bits: int) -> tuple[Target, Drafter]:
-    """Random-weight Qwen3 target and DSpark drafter of the released checkpoints' shapes."""
+def synthetic_pair(
+    name: str, target_bits: int, drafter_bits: int, **switches: bool | None
+) -> tuple[Target, Drafter]:
+    """Random-weight Qwen3 target and DSpark drafter of the released checkpoints' shapes;
+    `switches` are `Target`'s (`stand_ins`, `padded_attention`)."""
     from mlx_lm.models import qwen3
 
     from ..drafters.dspark import DSparkConfig, DSparkDrafter
     from ..drafters.layers import quantize_drafter
+    from ..kernels import weight_sharing_copy
 
     s = SHAPES[name]
     mx.random.seed(0)
@@ -103,7 +108,7 @@ def synthetic_pair(name: str, target_bits: int, drafter_bits: int) -> tuple[Targ
         nn.quantize(model, group_size=64, bits=target_bits)
         config["quantization"] = {"group_size": 64, "bits": target_bits}
     mx.eval(model.parameters())
-    target = Target(model, config, name=f"synthetic-{name}")
+    target = Target(model, config, name=f"synthetic-{name}", **switches)
     dcfg = {
         **config,
         "num_hidden_layers": DSPARK_LAYERS,
@@ -125,6 +130,8 @@ def synthetic_pair(name: str, target_bits: int, drafter_bits: int) -> tuple[Targ
     drafter._shared.update(embed_tokens=target.embed_tokens, lm_head=target.head)
     quantize_drafter(drafter, drafter_bits)
     mx.eval(drafter.parameters())
+    if target.stand_ins:  # as the loader does: the drafter runs the CPU stand-ins with the target
+        drafter = weight_sharing_copy(drafter, stand_ins=True)
     target.set_taps(drafter.tap_ids)
     return target, drafter
 
@@ -211,7 +218,11 @@ def run_synthetic(args: argparse.Namespace) -> int:
     if any(c != "auto" and c > DSPARK_BLOCK for c in caps):
         raise SpecDecError(f"--max-draft: the DSpark block is {DSPARK_BLOCK}")
     t0 = time.perf_counter()
-    target, drafter = synthetic_pair(args.synthetic, args.target_bits, args.drafter_bits)
+    target, drafter = synthetic_pair(
+        args.synthetic, args.target_bits, args.drafter_bits, **target_switches()
+    )
+    if line := blas_line():  # after building, so that an error stays one line
+        print(line, file=sys.stderr)
     print(
         f"SYNTHETIC ACCEPTANCE (random weights; acceptance imposed, not measured): "
         f"{args.synthetic}-shaped target at {args.target_bits} bits, DSpark-shaped drafter "
