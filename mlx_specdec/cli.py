@@ -27,7 +27,7 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
         "serve an OpenAI-compatible API (chat, completions, tools, metrics)",
     ),
     "train-drafter": (
-        "mlx_specdec.train",
+        "mlx_specdec.train.cli",
         "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)",
     ),
 }

@@ -25,18 +25,14 @@ init, target pass, training forward and loss), `checkpoint` (layouts, state, res
 (`train_drafter`), `cli` (the subcommand).
 """
 
-from .cli import HELP, add_arguments, run
 from .loop import train_drafter
 from .model import block_forward, default_taps
 from .options import TrainOptions, TrainResult
 
 __all__ = [
-    "HELP",
     "TrainOptions",
     "TrainResult",
-    "add_arguments",
     "block_forward",
     "default_taps",
-    "run",
     "train_drafter",
 ]

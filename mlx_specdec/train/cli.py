@@ -1,4 +1,4 @@
-"""`mlx-specdec train-drafter`'s command line: its help line, arguments and entry point."""
+"""`mlx-specdec train-drafter`'s command line: its arguments and entry point."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import time
 
 from .loop import train_drafter
 from .options import TrainOptions
-
-HELP = "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
