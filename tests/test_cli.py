@@ -147,13 +147,14 @@ def test_max_draft_auto_is_the_default_measured_once_then_cached(_private_cache)
 def test_max_draft_flag_values():
     from mlx_specdec.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser("generate")
     base = ["generate", "--prompt", "x"]
     assert parser.parse_args(base).max_draft == "auto"
     assert parser.parse_args([*base, "--max-draft", "0"]).max_draft is None
     assert parser.parse_args([*base, "--max-draft", "4"]).max_draft == 4
-    assert parser.parse_args(["serve", "--max-draft", "auto"]).max_draft == "auto"
-    assert parser.parse_args(["serve"]).max_draft == "auto"  # as generate
+    serve = build_parser("serve")
+    assert serve.parse_args(["serve", "--max-draft", "auto"]).max_draft == "auto"
+    assert serve.parse_args(["serve"]).max_draft == "auto"  # as generate
     bad = cli("generate", "--prompt", "x", "--max-draft", "many")
     assert bad.returncode == 2 and "takes an integer (0 = full block) or 'auto'" in bad.stderr
 
@@ -191,5 +192,43 @@ def test_generate_restarts_itself_with_the_system_openblas(switch, monkeypatch):
     pair = ["--model", str(PAIR / "target"), "--drafter", str(PAIR / "drafter")]
     out = cli("generate", *pair, "--prompt", "The 7th", "--no-chat", "--max-new-tokens", "4")
     assert out.returncode == 0, out.stderr
-    # The restarted process saw the preload, so it no longer prints the bundled-BLAS note.
+    # The restarted process saw the preload: it says it restarted, once, and gives no note.
     assert ("MLX's bundled BLAS makes verifying" in out.stderr) == (switch == "off")
+    assert out.stderr.count("restarted with OpenBLAS preloaded") == (switch == "on")
+
+
+def test_blas_line_says_the_restart_or_the_bundled_blas(monkeypatch):
+    from mlx_specdec import cli as cli_module
+
+    if not cli_module._on_linux_cpu():
+        pytest.skip("the BLAS line is for Linux CPUs")
+    monkeypatch.setenv(cli_module.RESTARTED, "/lib/libopenblas.so.0")
+    assert cli_module.blas_line() == (
+        "mlx-specdec: restarted with OpenBLAS preloaded (/lib/libopenblas.so.0); "
+        "MLX_SPECDEC_OPENBLAS=0 turns this off"
+    )
+    monkeypatch.delenv(cli_module.RESTARTED)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert "bundled BLAS" in cli_module.blas_line()
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libopenblas.so.0")  # preloaded by the user: silent
+    assert cli_module.blas_line() is None
+
+
+def test_a_failing_command_says_one_line_even_when_restarted(tmp_path):
+    """The restart line is said once the pair has loaded, so an error stays one line."""
+    out = cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_models_imports_the_registry_and_no_subcommand_module():
+    code = (
+        "import sys; from mlx_specdec.cli import main; main(['models']); "
+        "print(sorted(m for m in sys.modules if m.startswith('mlx_specdec.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "mlx_specdec.registry" in loaded
+    for heavy in ("bench", "server", "train"):  # the subcommand packages
+        assert f"mlx_specdec.{heavy}" not in loaded, loaded
