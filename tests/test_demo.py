@@ -26,6 +26,7 @@ def test_demo_ships_whole_and_small():
     assert {p["domain"] for p in PROMPTS} == {"code", "prose", "math"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dspark", "dflash"])
 def test_demo_pair_loads_offline_and_is_lossless(monkeypatch, mode):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -67,6 +68,7 @@ def _code_accept(target, tokenizer, drafter) -> float:
     return sum(len(r.committed) for r in rounds) / len(rounds)
 
 
+@pytest.mark.slow
 def test_demo_dspark_keeps_its_acceptance(monkeypatch):
     """A floor under the shipped DSpark drafter's greedy accept length on held-out code: a broken
     drafter layer keeps the output lossless (the target decides every token) but sinks this, as

@@ -10,11 +10,12 @@ import random
 
 import mlx.core as mx
 import pytest
-from conftest import FIXTURES, greedy_reference
-from fixture_trace import (
+from helpers import (
+    FIXTURES,
     broken_drafter,
     check_distributions,
-    check_trace,
+    check_fixture_case,
+    greedy_reference,
     load_reference,
     max_diff,
     run,
@@ -29,6 +30,8 @@ REFERENCE, TENSORS = load_reference(FIXTURE)
 CASES = REFERENCE["cases"]
 DRAFTER_CONFIG = json.loads((FIXTURE / "drafter" / "config.json").read_text())
 MASK = DRAFTER_CONFIG["dflash_config"]["mask_token_id"]
+# Rounds the trace check compares per case, at least (the reference's leading trace-robust ones).
+MIN_ROUNDS = {"raw_prefix": 3, "chat_a": 4, "raw_prefix_b": 4, "chat_eos_stop": 2}
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +51,7 @@ def block(anchor: int, size: int = 16) -> mx.array:
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_fixture_output_and_trace(pair, case):
     target, drafter = pair
-    spec = case["spec_greedy"]
-    tokens, rounds = run(
-        target,
-        drafter,
-        case["prompt_ids"],
-        REFERENCE["max_new_tokens"],
-        REFERENCE["stop_token_ids"],
-    )
-    assert tokens == spec["output_tokens"] == case["greedy"]["tokens"]
-    assert check_trace(rounds, spec["rounds"]) >= 1
+    check_fixture_case(target, drafter, REFERENCE, case, MIN_ROUNDS[case["name"]])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -106,6 +100,7 @@ def test_temperature_one_distributions(pair, case):
     check_distributions(logits, reference, params, tolerance)
 
 
+@pytest.mark.slow
 def test_matches_mlx_lm_greedy_for_every_cap(pair):
     """Every cap on fixture prompts (high acceptance, so long runs of accepted drafts), and a few
     caps on random prompts of several lengths (near-zero acceptance: rejection paths)."""

@@ -5,7 +5,6 @@ dspark-spec §1.6 and §5.2)."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -13,13 +12,25 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import greedy_reference, write_target
-from mlx.utils import tree_flatten, tree_map_with_path
-from test_gemma4 import E2B_LIKE, MASK_ID, WINDOW, gemma4_text_config, run
+from helpers import (
+    GEMMA4_MASK_ID,
+    GEMMA4_TARGETS,
+    GEMMA4_WINDOW,
+    dflash_config,
+    eagle3_config,
+    gemma4_text_config,
+    greedy_reference,
+    run,
+    write_drafter,
+    write_target,
+)
+from mlx.utils import tree_flatten
 
 from mlx_specdec import SpecDecError, load_pair
-from mlx_specdec.drafters import dflash, eagle3
+from mlx_specdec.drafters import eagle3
 
+MASK_ID = GEMMA4_MASK_ID
+WINDOW = GEMMA4_WINDOW
 DRAFT_WINDOW = 4  # the DFlash drafter's own sliding window
 SOFTCAP = 30.0
 
@@ -28,104 +39,47 @@ SOFTCAP = 30.0
 def dflash_gemma_config(text: dict, cap: float = SOFTCAP) -> dict:
     """A z-lab style DFlash drafter for a Gemma-4 target: Qwen3-style layers, two sliding ones,
     the DFlash keys (block, mask token 4, taps, soft-cap) in `dflash_config`."""
-    return dict(
-        architectures=["DFlashDraftModel"],
-        model_type="qwen3",
-        hidden_size=text["hidden_size"],
-        num_hidden_layers=3,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-6,
-        vocab_size=text["vocab_size"],
-        rope_theta=1e6,
-        max_position_embeddings=4096,
+    return dflash_config(
+        text,
+        softcap=cap,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         sliding_window=DRAFT_WINDOW,
-        dflash_config=dict(
-            block_size=8,
-            mask_token_id=MASK_ID,
-            target_layer_ids=[0, 2, 4],
-            final_logit_softcapping=cap,
-        ),
     )
 
 
 def eagle3_gemma_config(text: dict, cap: float = SOFTCAP) -> dict:
     """DeepSpec's build_draft_config for EAGLE3 on Gemma-4: the target's text config, 1 layer."""
-    config = dict(text)
-    config.update(
-        architectures=["Gemma4Eagle3Model"],
-        num_hidden_layers=1,
-        target_layer_ids=[0, 2, 4],
-        ttt_length=7,
-        layer_types=["full_attention"],
-        tie_word_embeddings=False,
-        hidden_size_per_layer_input=0,
-        num_kv_shared_layers=0,
-        final_logit_softcapping=cap,
-    )
-    return config
-
-
-def write_drafter(path: Path, config: dict, seed: int, copies: dict[str, mx.array] | None = None):
-    """A random drafter checkpoint; vector weights (norms, layer_scalar) are moved off 1 so a
-    missing norm or scalar shows. `copies`: tensors to store as they are (EAGLE3's frozen copies
-    of the target's embedding and head)."""
-    family = {"DFlashDraftModel": dflash, "Gemma4Eagle3Model": eagle3}[config["architectures"][0]]
-    mx.random.seed(seed)
-    model = family.build(config, "test drafter")
-
-    def perturb(name: str, p: mx.array) -> mx.array:
-        if copies and name in copies:
-            return copies[name]
-        return 1 + 0.3 * mx.random.normal(p.shape) if p.ndim == 1 else p
-
-    model.update(tree_map_with_path(perturb, model.parameters()))
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    return path
+    return eagle3_config(text, final_logit_softcapping=cap)
 
 
 def load(tmp_path: Path, target_config: dict, kind: str, seed: int = 0, cap: float = SOFTCAP):
+    """A random Gemma-4 target and a random `kind` drafter for it (vector weights off 1, so a
+    missing norm or scalar shows), through `load_pair`."""
     text = target_config.get("text_config", target_config)
     target_dir = write_target(tmp_path / "t", target_config, seed=seed)
     if kind == "dflash":
-        drafter_dir = write_drafter(tmp_path / "d", dflash_gemma_config(text, cap), seed + 10)
+        config, copies = dflash_gemma_config(text, cap), None
     else:
         from mlx_specdec.loading import load_target
 
         target = load_target(str(target_dir))[0]
-        copies = {
+        config = eagle3_gemma_config(text, cap)
+        copies = {  # EAGLE3's frozen copies of the target's embedding and head
             "embed_tokens.weight": target.embed_tokens.weight,
             "lm_head.weight": target.head_module.weight,
         }
-        drafter_dir = write_drafter(
-            tmp_path / "d", eagle3_gemma_config(text, cap), seed + 10, copies
-        )
+    drafter_dir = write_drafter(
+        tmp_path / "d", config, seed + 10, copies=copies, vectors_off_one=True
+    )
     return load_pair(str(target_dir), str(drafter_dir), mode=kind, drafter_bits=16)
 
 
 # ----------------------------------------------------------------------------- token identity
-TARGETS = {
-    "text_12b_like": lambda: gemma4_text_config(),
-    "text_e2b_like": lambda: gemma4_text_config(**E2B_LIKE),
-    "wrapper_kv_shared": lambda: dict(
-        model_type="gemma4",
-        vocab_size=512,
-        eos_token_id=[1],
-        text_config=gemma4_text_config(num_kv_shared_layers=2),
-    ),
-}
-
-
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
-@pytest.mark.parametrize("target_kind", list(TARGETS))
+@pytest.mark.parametrize("target_kind", list(GEMMA4_TARGETS))
 def test_lossless_on_tiny_gemma4_targets(tmp_path, kind, target_kind):
-    seed = list(TARGETS).index(target_kind)
-    target, _, drafter, config = load(tmp_path, TARGETS[target_kind](), kind, seed)
+    seed = list(GEMMA4_TARGETS).index(target_kind)
+    target, _, drafter, config = load(tmp_path, GEMMA4_TARGETS[target_kind](), kind, seed)
     assert config.drafter_kind == kind
     assert config.shared_with_target == ["embed_tokens", "lm_head"]
     rng = random.Random(seed)

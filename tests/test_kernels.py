@@ -1,5 +1,6 @@
 """The CPU stand-ins for mx.fast's norm and RoPE give mx.fast's results bit for bit, and the
-target and drafters use them on the CPU (leaving mlx-lm's model as it was)."""
+target and drafters use them on the CPU (on weight-sharing copies: mlx-lm's model stays as it
+was)."""
 
 import json
 import math
@@ -7,22 +8,14 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import target_config
-from mlx_lm.utils import _get_classes
+from helpers import build_model, target_config
 
-from mlx_specdec import kernels
+from mlx_specdec import kernels, load_pair
 from mlx_specdec.demo import DEMO_DIR
 from mlx_specdec.drafters.dspark import build
 from mlx_specdec.target import Target
 
 CPU_ONLY = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="CPU backend only")
-
-
-@pytest.fixture
-def fresh_switch():
-    kernels.cpu_kernels.cache_clear()
-    yield
-    kernels.cpu_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("dims", [64, 128, 2560])
@@ -77,16 +70,12 @@ def test_table_rope_leaves_other_cases_to_mx_fast():
 
 
 def _tiny_model(seed: int = 0) -> nn.Module:
-    model_class, args_class = _get_classes(target_config())
-    mx.random.seed(seed)
-    model = model_class(args_class.from_dict(target_config()))
-    mx.eval(model.parameters())
-    return model
+    return build_model(target_config(), seed)
 
 
-def test_with_cpu_kernels_shares_weights_and_leaves_the_model_alone():
+def test_weight_sharing_copy_shares_weights_and_leaves_the_model_alone():
     model = _tiny_model()
-    ours = kernels.with_cpu_kernels(model)
+    ours = kernels.weight_sharing_copy(model, stand_ins=True)
     layer, theirs = ours.layers[0], model.layers[0]
     assert type(layer.input_layernorm) is kernels.CompiledRMSNorm
     assert type(layer.self_attn.rope) is kernels.TableRoPE
@@ -97,11 +86,11 @@ def test_with_cpu_kernels_shares_weights_and_leaves_the_model_alone():
     assert mx.array_equal(ours(ids), model(ids)).item()
 
 
-def test_with_cpu_kernels_on_a_quantized_model_with_a_shared_module():
+def test_weight_sharing_copy_of_a_quantized_model_with_a_shared_module():
     model = _tiny_model()
     nn.quantize(model, group_size=32, bits=4)
     model.model.layers[1].mlp = model.model.layers[0].mlp  # one module in two places
-    ours = kernels.with_cpu_kernels(model)
+    ours = kernels.weight_sharing_copy(model, stand_ins=True)
     assert ours.layers[1].mlp is ours.layers[0].mlp is not model.layers[0].mlp
     assert type(ours.layers[0].mlp.up_proj) is nn.QuantizedLinear
     ids = mx.array([[5, 17, 99, 3, 250, 7, 7, 1]])
@@ -109,7 +98,7 @@ def test_with_cpu_kernels_on_a_quantized_model_with_a_shared_module():
 
 
 @CPU_ONLY
-def test_target_runs_the_stand_ins_on_the_cpu_unless_turned_off(fresh_switch, monkeypatch):
+def test_target_runs_the_stand_ins_on_the_cpu_unless_turned_off():
     model = _tiny_model()
     target = Target(model, target_config())
     assert type(target.layers[0].input_layernorm) is kernels.CompiledRMSNorm
@@ -117,29 +106,34 @@ def test_target_runs_the_stand_ins_on_the_cpu_unless_turned_off(fresh_switch, mo
     ids = mx.array([5, 17, 99, 3, 250, 7, 7, 1])
     logits, _ = target(ids, target.make_cache())
     assert mx.array_equal(logits, model(ids[None])[0]).item()
-    monkeypatch.setenv("MLX_SPECDEC_CPU_KERNELS", "0")
-    kernels.cpu_kernels.cache_clear()
-    assert Target(model, target_config()).layers[0] is model.layers[0]
+    plain = Target(model, target_config(), stand_ins=False).layers[0]
+    assert type(plain.input_layernorm) is nn.RMSNorm and type(plain.self_attn.rope) is nn.RoPE
+    assert (
+        plain is not model.layers[0]
+        and plain.mlp.up_proj.weight is model.layers[0].mlp.up_proj.weight
+    )
 
 
 @CPU_ONLY
-def test_drafters_use_them_on_the_cpu_unless_turned_off(fresh_switch, monkeypatch):
+def test_drafters_use_them_on_the_cpu_unless_turned_off(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = json.loads((DEMO_DIR / "dspark" / "config.json").read_text())
-    attn = build(config, "demo").layers[0].self_attn
+    attn = build(config, "demo").layers[0].self_attn  # built with mlx's own modules
+    assert type(attn.rope) is nn.RoPE and type(attn.q_norm) is nn.RMSNorm
+    attn = load_pair(mode="dspark")[2].layers[0].self_attn
     assert isinstance(attn.rope, kernels.TableRoPE)
     assert isinstance(attn.q_norm, kernels.CompiledRMSNorm)
-    monkeypatch.setenv("MLX_SPECDEC_CPU_KERNELS", "0")
-    kernels.cpu_kernels.cache_clear()
-    attn = build(config, "demo").layers[0].self_attn
+    attn = load_pair(mode="dspark", stand_ins=False)[2].layers[0].self_attn
     assert type(attn.rope) is nn.RoPE and type(attn.q_norm) is nn.RMSNorm
 
 
 @CPU_ONLY
-def test_a_copy_of_a_tapped_model_starts_untapped(fresh_switch):
+def test_tapping_a_target_leaves_the_model_and_other_targets_untapped():
     model = _tiny_model()
     plain = Target(model, target_config(), stand_ins=False)
-    plain.set_taps([1])  # taps the mlx-lm model's own layer 1 (train-drafter does this)
-    assert type(model.layers[1]) is not type(model.layers[0])
+    plain.set_taps([1])  # taps its own copy of layer 1 (train-drafter does this)
+    assert type(plain.layers[1]) is not type(plain.layers[0])
+    assert type(model.layers[1]) is type(model.layers[0])  # the caller's model is never tapped
     ours = Target(model, target_config())
     assert type(ours.layers[1]) is type(ours.layers[0])  # no stale taps into `plain`'s sink
     ours.set_taps([1])

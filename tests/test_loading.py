@@ -9,7 +9,7 @@ import shutil
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import FIXTURES, dspark_config, target_config, write_dspark, write_target
+from helpers import FIXTURES, dspark_config, target_config, write_drafter, write_target
 
 from mlx_specdec import SpecDecError, load_pair
 from mlx_specdec.registry import lookup, normalize, resolve_mode
@@ -72,7 +72,7 @@ def test_drafter_for_another_target(tmp_path, tiny_pair):
 
     other = target_config(tied=False)
     other.update(hidden_size=32, head_dim=8)
-    wrong = write_dspark(tmp_path / "wrong_h", dspark_config(other))
+    wrong = write_drafter(tmp_path / "wrong_h", dspark_config(other))
     expect_error("hidden size 32 but .* has 64", target, wrong)
 
 
@@ -134,7 +134,7 @@ def test_quantized_target_shares_with_a_full_precision_drafter(tmp_path):
     full = write_target(tmp_path / "full", config, seed=5)
     target, _ = load_target(str(full))
     drafter_config = dspark_config(config)
-    d = write_dspark(tmp_path / "d", drafter_config)
+    d = write_drafter(tmp_path / "d", drafter_config)
     weights = mx.load(str(d / "model.safetensors"))
     weights["embed_tokens.weight"] = weights["lm_head.weight"] = target.embed_tokens.weight
     mx.save_safetensors(str(d / "model.safetensors"), weights)

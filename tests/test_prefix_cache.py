@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURES, greedy_reference
+from helpers import FIXTURES, greedy_reference
 from mlx_lm.models.cache import RotatingKVCache
 
 from mlx_specdec import PrefixCache, SpecDecError, load_pair, speculative_generate
@@ -52,6 +52,7 @@ def turns(first_reply: str) -> list[list[dict]]:
     return [one, two, two[:-1] + [{"role": "user", "content": "The letters?"}]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("max_draft", [None, 2])
 def test_warm_turns_match_cold_greedy_decoding(name, max_draft):

@@ -39,25 +39,29 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import (
+    build_drafter,
+    build_model,
+    dflash_config,
+    dspark_config,
+    eagle3_config,
+    target_config,
+)
 from mlx_lm.generate import generate_step
-from mlx_lm.models import qwen3
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_specdec import SpecDecError, load_pair, speculate, speculative_generate
+from mlx_specdec import SpecDecError, speculate, speculative_generate
 from mlx_specdec.drafters.base import Drafter, Proposal
 from mlx_specdec.drafters.dflash import DFlashDrafter
-from mlx_specdec.drafters.dflash import build as build_dflash
 from mlx_specdec.drafters.dspark import DSparkDrafter
-from mlx_specdec.drafters.dspark import build as build_dspark
 from mlx_specdec.drafters.eagle3 import Eagle3Drafter
-from mlx_specdec.drafters.eagle3 import build as build_eagle3
 from mlx_specdec.sampling import (
     SamplingParams,
     accept_length,
@@ -75,7 +79,6 @@ LAW_LEN = 3  # tokens whose joint law the kernel check compares (V**3 cells)
 ALPHA = 1e-3
 PROMPT = [0, 4]
 BLOCK = 4  # the tiny drafter's block: "full" cap
-FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3"
 # The package re-exports the function `speculate` under the module's name; patch the module.
 speculate_module = importlib.import_module("mlx_specdec.speculate")
 
@@ -144,23 +147,22 @@ def test_chi2_pvalue_is_calibrated():
 
 
 # ----------------------------------------------------------------------------- tiny models
+TAPS = (0, 1)
+
+
 def tiny_target(seed: int = 0) -> Target:
-    config = dict(
-        model_type="qwen3",
+    config = target_config(
+        tied=False,
+        layers=3,
         hidden_size=32,
-        num_hidden_layers=3,
         intermediate_size=64,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
-        rms_norm_eps=1e-6,
         vocab_size=V,
         max_position_embeddings=256,
         rope_theta=1e4,
-        tie_word_embeddings=False,
     )
-    mx.random.seed(seed)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model = build_model(config, seed)
     # Sharpen the random head: varied, peaky distributions make truncation and rejection matter.
     model.lm_head.weight = model.lm_head.weight * 1.5
     mx.eval(model.parameters())
@@ -168,22 +170,15 @@ def tiny_target(seed: int = 0) -> Target:
 
 
 def tiny_dspark(target: Target, markov_rank: int, seed: int) -> DSparkDrafter:
-    config = dict(
+    config = dspark_config(
         target.config,
-        architectures=["Qwen3DSparkModel"],
+        markov_rank,
         num_hidden_layers=1,
-        num_target_layers=3,
         block_size=BLOCK,
         mask_token_id=V - 1,
-        target_layer_ids=[0, 1],
-        markov_rank=markov_rank,
-        markov_head_type="vanilla",
-        enable_confidence_head=True,
-        confidence_head_with_markov=bool(markov_rank),
+        target_layer_ids=list(TAPS),
     )
-    mx.random.seed(seed)
-    drafter = build_dspark(config, "tiny dspark")
-    drafter.lm_head.weight = drafter.lm_head.weight * 1
+    drafter = build_drafter(config, seed)
     if markov_rank:  # a strong transition bias, so slot k's q really depends on draft k-1
         head = drafter.markov_head
         head.markov_w2.weight = head.markov_w2.weight * 6
@@ -195,32 +190,15 @@ def tiny_dspark(target: Target, markov_rank: int, seed: int) -> DSparkDrafter:
 
 
 def tiny_dflash(target: Target, seed: int) -> DFlashDrafter:
-    config = dict(
-        target.config,
-        architectures=["DFlashDraftModel"],
-        num_hidden_layers=1,
-        block_size=BLOCK + 1,
-        mask_token_id=V - 1,
-        target_layer_ids=[0, 1],
-    )
-    mx.random.seed(seed)
-    drafter = build_dflash(config, "tiny dflash")
-    mx.eval(drafter.parameters())
+    config = dflash_config(target.config, layers=1, block_size=BLOCK + 1, mask_id=V - 1, taps=TAPS)
+    drafter = build_drafter(config, seed)
     drafter.share_target_tensors(target)  # DFlash always drafts through the target's head
     target.set_taps(drafter.tap_ids)
     return drafter
 
 
 def tiny_eagle3(target: Target, seed: int) -> Eagle3Drafter:
-    config = dict(
-        target.config,
-        architectures=["Qwen3Eagle3Model"],
-        num_hidden_layers=1,
-        target_layer_ids=[0, 1],
-        ttt_length=BLOCK,
-    )
-    mx.random.seed(seed)
-    drafter = build_eagle3(config, "tiny eagle3")
+    drafter = build_drafter(eagle3_config(target.config, taps=TAPS, ttt_length=BLOCK), seed)
     drafter.lm_head.weight = drafter.lm_head.weight * 3
     mx.eval(drafter.parameters())
     target.set_taps(drafter.tap_ids)
@@ -428,6 +406,7 @@ def drafts_pvalues(
     return pvalues
 
 
+@pytest.mark.slow
 def test_drafts_follow_the_reported_q(pair):
     target, drafter = pair
     pvalues = drafts_pvalues(target, drafter, SETTINGS["t0.8-all"], samples=DRAFT_SAMPLES)
@@ -448,6 +427,20 @@ def test_drafter_check_rejects_a_misreported_q(pair):
 
 
 # ----------------------------------------------------------------------------- the real loop
+@contextmanager
+def confidence_cut(drafter: Drafter, threshold: float) -> Iterator[None]:
+    """The confidence cut is the drafter's own (DSpark's; the others have none): `threshold`
+    for the duration, then the drafter's own again."""
+    if not hasattr(drafter, "confidence_threshold"):
+        yield
+        return
+    own, drafter.confidence_threshold = drafter.confidence_threshold, threshold
+    try:
+        yield
+    finally:
+        drafter.confidence_threshold = own
+
+
 def loop_pvalue(
     target: Target,
     drafter: Drafter,
@@ -474,17 +467,17 @@ def loop_pvalue(
     for _ in range(runs):
         prompt = rng.integers(0, V, rng.integers(1, 5)).tolist()
         out: list[int] = []
-        for step in speculate(
-            target,
-            drafter,
-            prompt,
-            max_new_tokens=tokens // runs,
-            max_draft=max_draft,
-            params=params,
-            confidence_threshold=confidence_threshold,
-        ):
-            out += step.tokens
-            rounds += [step.round] if step.round is not None else []
+        with confidence_cut(drafter, confidence_threshold):
+            for step in speculate(
+                target,
+                drafter,
+                prompt,
+                max_new_tokens=tokens // runs,
+                max_draft=max_draft,
+                params=params,
+            ):
+                out += step.tokens
+                rounds += [step.round] if step.round is not None else []
         logits = target.model(mx.array([prompt + out[:-1]]))[0, len(prompt) - 1 :]
         p = np.array(probs(logits, params), np.float64)
         y, prev = np.array(out), np.array(prompt[-1:] + out[:-1])
@@ -498,6 +491,7 @@ def loop_pvalue(
 LOOP_TOKENS = 1_000  # a broken verify gives p < 1e-9 here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting,max_draft,confidence", [("t0.8-all", None, 0.5), ("t1", 2, 0.0)])
 def test_real_loop_follows_the_target_law(pair, setting, max_draft, confidence):
     target, drafter = pair
@@ -516,6 +510,7 @@ def test_real_loop_follows_the_target_law(pair, setting, max_draft, confidence):
     assert any(r.accepted == len(r.proposed) > 0 for r in rounds)
 
 
+@pytest.mark.slow
 def test_real_loop_check_rejects_a_broken_verify(monkeypatch):
     target = tiny_target()
     drafter = DRAFTERS["dspark-markov"](target)
@@ -604,16 +599,8 @@ def test_verify_edge_cases():
 
 
 # ----------------------------------------------------------------------------- determinism, greedy
-@pytest.fixture(scope="module")
-def fixture_pair():
-    target, tokenizer, drafter, _ = load_pair(
-        str(FIXTURE / "target"), str(FIXTURE / "drafter"), drafter_bits=16
-    )
-    return target, tokenizer, drafter
-
-
-def test_same_seed_same_output(fixture_pair):
-    target, tokenizer, drafter = fixture_pair
+def test_same_seed_same_output(qwen3_fixture_pair):
+    target, tokenizer, drafter, _ = qwen3_fixture_pair
     kw = dict(max_new_tokens=40, temperature=0.9, top_p=0.95, top_k=50, min_p=0.02)
     runs = [
         speculative_generate(target, tokenizer, drafter, "Tell me a story", seed=s, **kw)
@@ -625,8 +612,8 @@ def test_same_seed_same_output(fixture_pair):
     assert runs[0].tokens != runs[2].tokens  # and it is really used
 
 
-def test_temperature_zero_is_exactly_greedy(fixture_pair):
-    target, tokenizer, drafter = fixture_pair
+def test_temperature_zero_is_exactly_greedy(qwen3_fixture_pair):
+    target, tokenizer, drafter, _ = qwen3_fixture_pair
     prompt = [51, 258, 220, 22, 340]
     want = [int(t) for t, _ in generate_step(mx.array(prompt), target.model, max_tokens=32)]
     for temperature in (0.0, 1e-6):  # below GREEDY_TEMPERATURE is greedy too
@@ -655,10 +642,10 @@ def test_temperature_zero_is_exactly_greedy(fixture_pair):
         dict(min_p=1.0),
     ],
 )
-def test_bad_sampling_settings_raise(kwargs, fixture_pair):
+def test_bad_sampling_settings_raise(kwargs, qwen3_fixture_pair):
     with pytest.raises(SpecDecError):
         SamplingParams(**kwargs)
-    target, tokenizer, drafter = fixture_pair
+    target, tokenizer, drafter, _ = qwen3_fixture_pair
     with pytest.raises(SpecDecError):
         speculative_generate(target, tokenizer, drafter, "hi", max_new_tokens=2, **kwargs)
 

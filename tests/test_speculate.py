@@ -6,27 +6,22 @@ import random
 
 import mlx.core as mx
 import pytest
-from conftest import (
+from helpers import (
     FIXTURES,
     dspark_config,
     greedy_reference,
+    run,
     target_config,
-    write_dspark,
+    write_drafter,
     write_target,
 )
-from fixture_trace import run
 from mlx_lm.generate import generate_step
 
 from mlx_specdec import SpecDecError, load_pair
 from mlx_specdec.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def fixture_pair():
-    d = FIXTURES / "dspark_qwen3"
-    return load_pair(str(d / "target"), str(d / "drafter"), drafter_bits=16)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family,tied,seed",
     [("qwen3", False, 0), ("qwen3", True, 1), ("llama", False, 2), ("llama", True, 3)],
@@ -34,7 +29,7 @@ def fixture_pair():
 def test_random_targets_match_mlx_lm_greedy(tmp_path, family, tied, seed):
     config = target_config(family, tied)
     target_dir = write_target(tmp_path / "t", config, seed=seed)
-    drafter_dir = write_dspark(tmp_path / "d", dspark_config(config), seed=seed + 10)
+    drafter_dir = write_drafter(tmp_path / "d", dspark_config(config), seed=seed + 10)
     target, _, drafter, _ = load_pair(str(target_dir), str(drafter_dir), drafter_bits=16)
     rng = random.Random(seed)
     for length in (1, 2, 7, 33, 200):
@@ -53,8 +48,8 @@ def test_quantized_drafter_is_still_lossless(tiny_pair):
     assert run(target, drafter, prompt, 30)[0] == greedy_reference(target.model, prompt, 30, set())
 
 
-def test_fixture_every_cap_and_length(fixture_pair):
-    target, _, drafter, _ = fixture_pair
+def test_fixture_every_cap_and_length(qwen3_fixture_pair):
+    target, _, drafter, _ = qwen3_fixture_pair
     prompt = [51, 258, 220, 22, 340]
     want = greedy_reference(target.model, prompt, 48, eos=set())
     for cap in range(1, 8):
@@ -64,8 +59,8 @@ def test_fixture_every_cap_and_length(fixture_pair):
             assert sum(len(r.committed) for r in rounds) == max_new - 1
 
 
-def test_stop_token_inside_an_accepted_run(fixture_pair):
-    target, _, drafter, _ = fixture_pair
+def test_stop_token_inside_an_accepted_run(qwen3_fixture_pair):
+    target, _, drafter, _ = qwen3_fixture_pair
     prompt = [51, 258, 220, 22, 340]
     full, rounds = run(target, drafter, prompt, 48)
     # Pick a token that the drafter proposed and the target accepted mid-round, first seen there.
@@ -77,8 +72,8 @@ def test_stop_token_inside_an_accepted_run(fixture_pair):
     assert got_rounds[-1].committed[-1] == stop  # no bonus token after an accepted stop
 
 
-def test_rounds_record_proposals_and_acceptance(fixture_pair):
-    target, _, drafter, _ = fixture_pair
+def test_rounds_record_proposals_and_acceptance(qwen3_fixture_pair):
+    target, _, drafter, _ = qwen3_fixture_pair
     tokens, rounds = run(target, drafter, [51, 258, 220, 22, 340], 48)
     for r in rounds:
         assert r.committed[: r.accepted] == r.proposed[: r.accepted]
@@ -86,8 +81,8 @@ def test_rounds_record_proposals_and_acceptance(fixture_pair):
     assert tokens[1:] == [t for r in rounds for t in r.committed]
 
 
-def test_bad_max_draft_and_empty_prompt(fixture_pair):
-    target, _, drafter, _ = fixture_pair
+def test_bad_max_draft_and_empty_prompt(qwen3_fixture_pair):
+    target, _, drafter, _ = qwen3_fixture_pair
     for cap in (0, 8):
         with pytest.raises(SpecDecError, match="--max-draft must be between 1 and 7"):
             run(target, drafter, [1, 2], 4, max_draft=cap)
@@ -95,8 +90,8 @@ def test_bad_max_draft_and_empty_prompt(fixture_pair):
         run(target, drafter, [], 4)
 
 
-def test_temperature_zero_is_greedy_and_seed_repeats(fixture_pair):
-    target, _, drafter, _ = fixture_pair
+def test_temperature_zero_is_greedy_and_seed_repeats(qwen3_fixture_pair):
+    target, _, drafter, _ = qwen3_fixture_pair
     prompt = [51, 258, 220, 22, 340]
     greedy = run(target, drafter, prompt, 20)[0]
     assert run(target, drafter, prompt, 20, params=SamplingParams(temperature=0.0))[0] == greedy
@@ -107,11 +102,12 @@ def test_temperature_zero_is_greedy_and_seed_repeats(fixture_pair):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,mode",
     [("dspark_qwen3", "dspark"), ("zlab_dflash_qwen3", "dflash"), ("dspark_gemma4", "dspark")],
 )
-def test_padded_attention_matches_mlx_lm_greedy(monkeypatch, name, mode):
+def test_padded_attention_matches_mlx_lm_greedy(name, mode):
     """The CUDA default (target and drafter attention over whole padded KV buffers, rows past
     the offset masked) gives mlx-lm's tokens and the same proposals as exact-length caches,
     across buffer growth (256-row steps), for every cap."""
@@ -127,12 +123,11 @@ def test_padded_attention_matches_mlx_lm_greedy(monkeypatch, name, mode):
     want = [int(t) for t, _ in steps]
     for cap in (1, 3, None):
         proposals = []
-        for padded in ("0", "1"):
-            monkeypatch.setenv("MLX_SPECDEC_PADDED_ATTENTION", padded)
-            target.padded_attention = padded == "1"
+        for padded in (False, True):
+            target.padded_attention = padded  # the loop gives the drafter's state the same
             got, rounds = run(target, drafter, prompt, 300, max_draft=cap)
             assert got == want, (cap, padded)
             proposals.append([r.proposed for r in rounds])
         assert proposals[0] == proposals[1]
     assert type(target.make_cache()[0]).__name__ == "PaddedKVCache"
-    assert type(drafter.new_state()[0]).__name__ == "PaddedKVCache"
+    assert type(drafter.new_state(target.padded_attention)[0]).__name__ == "PaddedKVCache"
