@@ -16,8 +16,6 @@ from helpers import FIXTURES, dspark_config, target_config, write_drafter, write
 
 from mlx_specdec import load_pair
 
-__all__ = ["FIXTURES"]  # test_cli.py and test_bench_prefix.py still import it from here
-
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

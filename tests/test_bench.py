@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from mlx_specdec import autocap
 from mlx_specdec.bench.prompts import BenchPrompt, load_prompts
@@ -15,7 +15,7 @@ from mlx_specdec.bench.synthetic import ScriptedAcceptance, rate_for_accept_len
 from mlx_specdec.cli import main
 from mlx_specdec.errors import SpecDecError
 
-FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3"
+FIXTURE = FIXTURES / "dspark_qwen3"
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 PAIR = FIXTURES / "dspark_qwen3"
 CMD = [sys.executable, "-m", "mlx_specdec", "bench-prefix", "--model", str(PAIR / "target")]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 PAIR = FIXTURES / "dspark_qwen3"
 

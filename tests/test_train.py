@@ -10,8 +10,8 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from helpers import greedy_reference, target_config, write_target
 from mlx_lm.generate import generate_step
-from mlx_lm.utils import _get_classes, save_config, save_model
 
 from mlx_specdec.cli import main
 from mlx_specdec.generate import encode_prompt, speculative_generate
@@ -27,36 +27,11 @@ from mlx_specdec.train.model import (
     target_pass,
 )
 
-TOKENIZER = Path(__file__).parent / "fixtures" / "conformance" / "dspark_qwen3" / "target"
-CONFIG = dict(
-    model_type="qwen3",
-    hidden_size=64,
-    num_hidden_layers=4,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    vocab_size=512,  # the fixture tokenizer's 496 ids + padding rows (the mask comes from those)
-    max_position_embeddings=1024,
-    rope_theta=1e6,
-    tie_word_embeddings=False,
-    eos_token_id=[493],
-)
-
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("target")
-    model_class, args_class = _get_classes(CONFIG)
-    mx.random.seed(0)
-    model = model_class(args_class.from_dict(CONFIG))
-    mx.eval(model.parameters())
-    save_model(path, model)
-    save_config(CONFIG, path / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / name, path / name)
-    return path
+    config = target_config(tied=False, layers=4, max_position_embeddings=1024)
+    return write_target(tmp_path_factory.mktemp("target"), config, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +62,7 @@ def test_generated_answers_are_greedy_decoding(target_dir: Path) -> None:
     prompts = [[5, 9, 11], [7, 3, 2], [4, 8], [30, 31, 32, 33, 34], [6, 6, 6]]
 
     def mlx_lm_greedy(prompt: list[int], eos: list[int]) -> list[int]:
-        out = []
-        for tok, _ in generate_step(mx.array(prompt), target.model, max_tokens=12):
-            out.append(int(tok))
-            if tok in eos:
-                break
-        return out
+        return greedy_reference(target.model, prompt, 12, set(eos))
 
     # A stop token the first prompt's answer meets midway: answers end there, stop included.
     eos = [mlx_lm_greedy(prompts[0], [])[4]]
