@@ -16,6 +16,7 @@ from .cache import cacheable, restore, take_snapshot
 from .drafters.base import Drafter
 from .errors import SpecDecError
 from .prefix_cache import PrefixCache, fingerprint
+from .prompts import render_chat
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
@@ -74,10 +75,17 @@ class GenerationChunk:
 
 
 def encode_prompt(
-    tokenizer: Any, prompt: Prompt, *, chat: bool = True, enable_thinking: bool | None = None
+    tokenizer: Any,
+    prompt: Prompt,
+    *,
+    chat: bool = True,
+    enable_thinking: bool | None = None,
+    raw_special: bool = False,
 ) -> list[int]:
     """A string (chat template applied when the tokenizer has one, unless `chat=False`), a list
-    of chat messages, or token ids -> token ids."""
+    of chat messages, or token ids -> token ids. Message content is text: the template's special
+    tokens written in it stay text (`prompts.render_chat`) unless `raw_special`. A plain string
+    with chat off is the caller's whole prompt, special tokens included."""
     if isinstance(prompt, str):
         if chat and getattr(tokenizer, "chat_template", None):
             prompt = [{"role": "user", "content": prompt}]
@@ -90,7 +98,7 @@ def encode_prompt(
         if not getattr(tokenizer, "chat_template", None):
             raise SpecDecError("this tokenizer has no chat template; pass plain text with chat off")
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs))
+        return render_chat(tokenizer, prompt, template_kwargs=kwargs, raw_special=raw_special).ids
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise SpecDecError(
             "prompt must be a string, a list of chat messages or a list of token ids"
