@@ -1,9 +1,10 @@
-"""The target: an mlx-lm model with layer taps and exact KV rollback.
+"""The target: an mlx-lm model with layer taps and exact rollback.
 
 One forward returns the logits *and* the taps (the residual-stream outputs of the decoder layers
 a drafter listens to) from the same pass. Taps are captured by swapping the class of the tapped
 layers for a subclass that records its output, so parameter names, quantization and
-`load_weights` are untouched and no family's forward loop is copied here.
+`load_weights` are untouched and no family's forward loop is copied here. Recurrent layers
+(Gated DeltaNet, Mamba-2, short convolutions) roll back through `recurrent.py`.
 The forward runs a weight-sharing copy of the model (on the CPU with compiled stand-ins for
 mx.fast's norm and RoPE, bit-identical, `kernels.py`); `Target.model` stays as mlx-lm made it.
 """
@@ -15,11 +16,18 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 
 from .cache import PaddedKVCache, padded_by_default
 from .errors import SpecDecError
 from .kernels import stand_ins_available, weight_sharing_copy
+from .recurrent import RecurrentCache, armed, prepare
 
 PREFILL_STEP = 512
 
@@ -70,7 +78,10 @@ class Target:
         ours = weight_sharing_copy(model, stand_ins=self.stand_ins)
         language = getattr(ours, "language_model", ours)
         self._language = language
-        self.inner = language.model
+        # The decoder stack: `model` in most families, `backbone` in Nemotron-H.
+        self.inner = getattr(language, "model", None) or language.backbone
+        # Recurrent layers keep, during a verify forward, what exact rollback needs.
+        self.recurrent_layers = prepare(ours)
         self.layers = ours.layers
         self.num_layers = len(self.layers)
         self._sink = _TapSink()
@@ -85,7 +96,7 @@ class Target:
     # ----------------------------------------------------------------------------- structure
     @property
     def embed_tokens(self) -> nn.Module:
-        return self.inner.embed_tokens
+        return getattr(self.inner, "embed_tokens", None) or self.inner.embeddings
 
     @property
     def _text_config(self) -> dict:
@@ -190,7 +201,14 @@ class Target:
     def __call__(
         self, ids: mx.array, cache: list[Any], *, last_only: bool = False
     ) -> tuple[mx.array, mx.array | None]:
-        """Forward `ids` ([T] int) on top of `cache`: (logits [T or 1, V], taps [T, m*H])."""
+        """Forward `ids` ([T] int) on top of `cache`: (logits [T or 1, V], taps [T, m*H]).
+        Any of these T positions can be rolled back afterwards (`rollback`)."""
+        with armed(cache):
+            return self._logits(ids, cache, last_only)
+
+    def _logits(
+        self, ids: mx.array, cache: list[Any] | None, last_only: bool
+    ) -> tuple[mx.array, mx.array | None]:
         h, taps = self._forward(ids[None], cache)
         if last_only:
             h = h[:, -1:]
@@ -208,16 +226,24 @@ class Target:
         return [self.inner.state, self.head_module.state]
 
     def prefill(self, ids: mx.array, cache: list[Any]) -> tuple[mx.array, mx.array | None]:
-        """Process a prompt in chunks; returns (logits of the last row [V], taps of all rows)."""
+        """Process a prompt in chunks; returns (logits of the last row [V], taps of all rows).
+
+        With recurrent layers the last token is a chunk of its own, as mlx-lm's `generate_step`
+        does it: a Mamba-2 layer computes a chunk in a closed form whose rounding depends on
+        where chunks end, and this keeps its state after the prompt bitwise mlx-lm's. Prefill
+        positions cannot be rolled back."""
+        n = ids.shape[0]
+        ends = list(range(PREFILL_STEP, n, PREFILL_STEP)) + [n]
+        if n > 1 and any(isinstance(c, RecurrentCache) for c in cache):
+            ends = [e for e in ends if e < n - 1] + [n - 1, n]
         taps: list[mx.array] = []
-        logits = None
-        for s in range(0, ids.shape[0], PREFILL_STEP):
-            chunk = ids[s : s + PREFILL_STEP]
-            last = s + PREFILL_STEP >= ids.shape[0]
-            logits, t = self(chunk, cache, last_only=True)
+        logits, start = None, 0
+        for end in ends:
+            logits, t = self._logits(ids[start:end], cache, last_only=True)
             if t is not None:
                 taps.append(t)
-            mx.eval([c.state for c in cache] + taps[-1:] + ([logits] if last else []))
+            mx.eval([c.state for c in cache] + taps[-1:] + ([logits] if end == n else []))
+            start = end
         assert logits is not None
         return logits[-1], (mx.concatenate(taps, axis=0) if taps else None)
 
@@ -229,28 +255,53 @@ class Target:
         rotating buffer cannot be trimmed once full, which silently corrupts speculation. The
         attention masks still honour the window; the cost is keeping the whole context for
         those layers (O(context) memory instead of O(window)). `padded` (default: the
-        target's `padded_attention`) gives every layer a `PaddedKVCache` instead.
+        target's `padded_attention`) gives every layer a `PaddedKVCache` instead. Recurrent
+        layers get a `RecurrentCache`; a recurrent layer type `recurrent.py` does not know is
+        refused by name.
         """
         cache = make_prompt_cache(self.model)
         padded = self.padded_attention if padded is None else padded
         out = []
-        for c in cache:
+        for i, c in enumerate(cache):
             if type(c) in (KVCache, RotatingKVCache) and padded:
                 c = PaddedKVCache()
             elif isinstance(c, RotatingKVCache):
                 c = KVCache()
-            if not isinstance(c, KVCache | QuantizedKVCache):
-                raise SpecDecError(
-                    f"{self.name}: its {type(c).__name__} layers keep a recurrent state that "
-                    "cannot be rolled back exactly, so speculation would change the output; "
-                    "use --mode baseline"
-                )
+            elif type(c) is ArraysCache:
+                c = RecurrentCache(len(c.cache))
+            if not isinstance(c, KVCache | QuantizedKVCache | RecurrentCache):
+                raise SpecDecError(self._refusal(i, type(c).__name__, len(cache)))
             out.append(c)
+        held = sum(isinstance(c, RecurrentCache) for c in out)
+        if held != self.recurrent_layers:
+            i = next(i for i, c in enumerate(out) if isinstance(c, RecurrentCache))
+            raise SpecDecError(self._refusal(i, "ArraysCache", len(cache)))
         return out
+
+    def _refusal(self, i: int, cache_type: str, n_caches: int) -> str:
+        what = f"{cache_type} layers"
+        if n_caches == self.num_layers:  # cache i is layer i's (some families skip layers)
+            layer = self.layers[i]
+            ours = ("mlx.", "mlx_specdec.")  # norms, linears, stand-ins: not the recurrent part
+            parts = [
+                type(m).__name__
+                for name, m in layer.named_modules()
+                if name and "." not in name and not type(m).__module__.startswith(ours)
+            ]
+            what = f"{type(layer).__name__} layers ({', '.join(parts) or cache_type})"
+        return (
+            f"{self.name}: its {what} keep a recurrent state that mlx-specdec cannot roll back "
+            "exactly, so speculation would change the output; use --mode baseline"
+        )
 
     @staticmethod
     def rollback(cache: list[Any], n: int) -> None:
-        """Drop the last `n` positions of every layer (exact for KVCache: only the offset moves)."""
-        if n > 0:
-            for c in cache:
+        """Drop the last `n` positions of every layer: a KV cache moves its offset; a recurrent
+        layer takes the state and conv window it kept at that position during the last
+        forward (`Target.__call__`), which must have added at least `n` positions. Call it
+        after every forward, even with n = 0: that frees what the recurrent layers kept."""
+        for c in cache:
+            if isinstance(c, RecurrentCache):
+                c.rollback(n)
+            elif n > 0:
                 c.trim(n)
