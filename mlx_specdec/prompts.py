@@ -89,7 +89,7 @@ def render_chat(
     tools = _map_strings(tools, "tools", scan)
     kwargs = _map_strings(kwargs, "chat_template_kwargs", scan)
     if max_bytes is not None and scan.nbytes > max_bytes:
-        raise PromptTooLong(scan.nbytes, max_bytes)
+        raise PromptTooLong("messages", scan.nbytes, max_bytes)
     text = _render(tokenizer, messages, tools, kwargs)
     if marks is None or not scan.marked:
         return ChatPrompt(text, list(tokenizer.encode(text, add_special_tokens=False)))
@@ -97,11 +97,20 @@ def render_chat(
 
 
 class PromptTooLong(PromptError):
-    def __init__(self, nbytes: int, limit: int) -> None:
+    def __init__(self, where: str, nbytes: int, limit: int) -> None:
         super().__init__(
-            f"the conversation is {nbytes} bytes of text, more than the {limit} bytes this "
-            "model's context can take; shorten it"
+            f"{where}: {nbytes} bytes of text, more than the {limit} bytes this model's context "
+            "can take; shorten it"
         )
+
+
+def text_size(text: str, where: str | Callable[[], str]) -> int:
+    """UTF-8 bytes of `text`; text that is not valid Unicode is refused, naming `where`."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        place = where() if callable(where) else where
+        raise PromptError(f"{place}: is not valid Unicode text (a lone surrogate)") from None
 
 
 def prompt_byte_limit(tokenizer: Any, context: int | None) -> int | None:
@@ -194,10 +203,7 @@ class _Scan:
         self.marks, self.nbytes, self.marked = marks, 0, False
 
     def __call__(self, text: str, where: Callable[[], str]) -> str:
-        try:
-            self.nbytes += len(text.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise PromptError(f"{where()}: is not valid Unicode text (a lone surrogate)") from None
+        self.nbytes += text_size(text, where)
         if self.marks is None:
             return text
         marked = self.marks.wrap(text)

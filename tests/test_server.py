@@ -255,7 +255,7 @@ def test_auth(server, client):
 
 
 def test_bad_input_gives_openai_errors(server, client):
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+    with pytest.raises(openai.BadRequestError, match="n: must be 1"):
         client.chat.completions.create(model="any", messages=HELLO, n=2)
     with pytest.raises(openai.BadRequestError, match="limit of 4000"):
         client.completions.create(model="any", prompt="x", max_tokens=LIMIT + 1)

@@ -3,17 +3,17 @@
 Each route family is a module with a `router(server)`: `chat.py` (chat completions) and
 `completions.py` (raw completions), both built on `streaming.py` (a request's run on the engine
 and the SSE tail). This module wires them up, with the guard middleware, the error handlers and
-the service routes (models, health, metrics).
+the service routes (models, health, metrics). `shutdown.py` runs the app.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,35 +21,59 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import chat, completions
 from .context import Server, ServerSettings
 from .engine import Engine
-from .errors import add_error_handlers, error_response
+from .errors import ApiError, add_error_handlers, error_response
 
 __all__ = ["ServerSettings", "create_app"]
+ENDPOINTS = {"/v1/chat/completions": chat.ENDPOINT, "/v1/completions": completions.ENDPOINT}
+log = logging.getLogger("mlx_specdec.server")
+
+
+def authorized(headers: Mapping[bytes, bytes], key: bytes | None) -> bool:
+    """Whether the request carries the API key (any request does when there is none), as
+    `Authorization: Bearer KEY` or `x-api-key: KEY`; compared in constant time."""
+    if key is None:
+        return True
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if given is None and auth[:7].lower() == b"bearer ":
+        given = auth[7:].strip()
+    return given is not None and hmac.compare_digest(given, key)
 
 
 class _Guard:
-    """Pure ASGI middleware: API key (constant-time) on every route but /health, and a cap on
-    the request body, counted as it arrives so a missing or false Content-Length cannot evade
-    it."""
+    """Pure ASGI middleware: API key on every route but /health, a cap on the request body,
+    counted as it arrives so a missing or false Content-Length cannot evade it, and a bare 500
+    for anything that escaped the routes (the connection stays usable; the traceback goes to
+    the log, not to the client)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
         self.app, self.max_body = app, max_body
         self.key = api_key.encode() if api_key else None
 
-    def _authorized(self, scope: Scope) -> bool:
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-api-key")
-        auth = headers.get(b"authorization", b"")
-        if given is None and auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        return given is not None and hmac.compare_digest(given, self.key)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.key and scope["path"] != "/health" and not self._authorized(scope):
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, sending)
+        except Exception:
+            log.exception("request failed")
+            if started:
+                raise  # too late for an answer: the server closes the connection
+            await error_response(500, "internal error", "server_error")(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or [])
+        if scope["path"] != "/health" and not authorized(headers, self.key):
             msg = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
             return await error_response(401, msg, "authentication_error")(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await self._too_large(scope, receive, send)
         seen = 0
@@ -75,11 +99,13 @@ class _Guard:
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The app around a loaded (not yet started) engine; the engine runs while the app does."""
+    server = Server(engine, settings)
 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        await asyncio.to_thread(engine.stop)
+        engine.stop()  # (a shutdown drained it already: see shutdown.py)
+        server.close()
 
     app = FastAPI(
         title="mlx-specdec",
@@ -97,8 +123,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    add_error_handlers(app)
-    server = Server(engine, settings)
+
+    def count(request: Request, e: ApiError) -> None:
+        if (endpoint := ENDPOINTS.get(request.url.path)) is not None:
+            engine.metrics.count(endpoint, e.outcome)
+
+    add_error_handlers(app, count)
     for family in (chat, completions):
         app.include_router(family.router(server))
     _add_service_routes(app, server)
@@ -107,6 +137,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
 def _add_service_routes(app: FastAPI, server: Server) -> None:
     engine, settings = server.engine, server.settings
+    key = settings.api_key.encode() if settings.api_key else None
 
     @app.get("/v1/models", summary="The served model")
     async def models() -> dict[str, Any]:
@@ -119,17 +150,20 @@ def _add_service_routes(app: FastAPI, server: Server) -> None:
         }
         return {"object": "list", "data": [entry]}
 
-    @app.get("/health", summary="Liveness; needs no API key")
-    async def health() -> JSONResponse:
-        body = {
-            "status": "ok" if engine.alive else "engine stopped",
-            "model": settings.model_name,
-            "mode": engine.config.mode,
-            "drafter": engine.config.drafter,
+    @app.get("/health", summary="Liveness; needs no API key (without it: status, busy, queued)")
+    async def health(request: Request) -> JSONResponse:
+        body: dict[str, Any] = {
+            "status": "ok" if engine.alive and not engine.closing else "stopping",
             "busy": engine.busy,
             "queued": engine.queued,
         }
-        return JSONResponse(body, status_code=200 if engine.alive else 503)
+        if authorized(dict(request.scope.get("headers") or []), key):
+            body |= {
+                "model": settings.model_name,
+                "mode": engine.config.mode,
+                "drafter": engine.config.drafter,
+            }
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

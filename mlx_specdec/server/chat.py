@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .context import Server
+from ..prompts import render_chat
+from .context import Server, ServerSettings, guarded
 from .errors import ApiError
 from .openai_common import ChunkStream, choice, finish_reason, stats
 from .output import Delta, OutputSplitter, StopFilter, ToolParser, prompt_opens_thinking
@@ -22,13 +23,15 @@ from .streaming import Generation, stream_response
 ENDPOINT = "chat"  # the metrics label
 
 
-def template_message(m: Message) -> dict[str, Any]:
-    """An OpenAI message as chat templates expect it: text content, tool-call arguments as
-    objects (Qwen3-style templates serialize them)."""
+def template_message(m: Message, i: int) -> dict[str, Any]:
+    """Message `i` as chat templates expect it: text content, tool-call arguments as objects
+    (Qwen3-style templates serialize them)."""
     out: dict[str, Any] = {"role": m.role}
     if isinstance(m.content, list):
         if any(p.type != "text" for p in m.content):
-            raise ApiError(400, "only text content parts are supported (no images or audio)")
+            raise ApiError(
+                400, f"messages[{i}].content: only text parts are supported (no images or audio)"
+            )
         out["content"] = "".join(p.text or "" for p in m.content)
     else:
         out["content"] = m.content or ""
@@ -41,7 +44,7 @@ def template_message(m: Message) -> dict[str, Any]:
     if m.tool_calls:
         calls = []
         for c in m.tool_calls:
-            try:
+            try:  # (the schema bounded its nesting, so this cannot recurse too deep)
                 args: Any = json.loads(c.function.arguments)
             except ValueError:
                 args = c.function.arguments
@@ -57,30 +60,30 @@ def template_message(m: Message) -> dict[str, Any]:
 
 
 def chat_prompt(
-    tokenizer: Any, req: ChatCompletionRequest, enable_thinking: bool | None
+    tokenizer: Any, req: ChatCompletionRequest, settings: ServerSettings, max_bytes: int | None
 ) -> tuple[list[int], bool]:
     """Token ids through the model's chat template, and whether the prompt left the model
-    inside a thinking block. `enable_thinking` is the server's default (None: the template's)."""
+    inside a thinking block. Message content stays text (`prompts.render_chat`) unless the
+    server allows raw special tokens. Runs on a prompt worker, off the event loop."""
     kwargs = dict(req.chat_template_kwargs or {})
     thinking = req.enable_thinking
     if thinking is None:
-        thinking = kwargs.get("enable_thinking", enable_thinking)
+        thinking = kwargs.get("enable_thinking", settings.enable_thinking)
     kwargs.pop("enable_thinking", None)
     if thinking is not None:
         kwargs["enable_thinking"] = bool(thinking)
-    if req.tools and req.tool_choice != "none":
-        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
-    messages = [template_message(m) for m in req.messages]
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model has no chat template: use /v1/completions")
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **kwargs
-        )
-    except Exception as e:  # noqa: BLE001 - templates raise anything on bad conversations
-        raise ApiError(400, f"the chat template rejected these messages: {e}") from None
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    return ids, prompt_opens_thinking(text)
+    offered = req.tools and req.tool_choice != "none"
+    prompt = render_chat(
+        tokenizer,
+        [template_message(m, i) for i, m in enumerate(req.messages)],
+        tools=[t.model_dump(exclude_none=True) for t in req.tools] if offered else None,
+        template_kwargs=kwargs,
+        raw_special=settings.raw_special_tokens,
+        max_bytes=max_bytes,
+    )
+    return prompt.ids, prompt_opens_thinking(prompt.text)
 
 
 def model_tool_format(tokenizer: Any) -> tuple[str, str, ToolParser] | None:
@@ -138,9 +141,12 @@ def router(server: Server) -> APIRouter:
     extra_tools = model_tool_format(tokenizer)
 
     @api.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
+    @guarded(ENDPOINT)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         opts = server.options(req, req.max_completion_tokens or req.max_tokens)
-        ids, in_reasoning = chat_prompt(tokenizer, req, server.settings.enable_thinking)
+        ids, in_reasoning = await server.prepare(
+            chat_prompt, tokenizer, req, server.settings, server.max_prompt_bytes
+        )
         offered = req.tools and req.tool_choice != "none"
         tools = [t.model_dump() for t in req.tools] if offered else None
         splitter = OutputSplitter(

@@ -16,6 +16,7 @@ from ..cli import (
 from ..errors import SpecDecError
 
 HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
+DEMO_MODEL_NAME = "mlx-specdec-demo"  # the model id when no --model is given
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("MLX_SPECDEC_API_KEY"),
         help="require this key on every route but /health (default: $MLX_SPECDEC_API_KEY)",
     )
-    p.add_argument("--served-model-name", help="model id clients see (default: --model)")
+    p.add_argument(
+        "--served-model-name",
+        help=f"model id clients see (default: --model, or {DEMO_MODEL_NAME} without one)",
+    )
     p.add_argument("--no-thinking", action="store_true", help="thinking off unless asked for")
     p.add_argument(
         "--max-queue", type=positive_int, default=16, help="requests that may wait; more get 503"
@@ -48,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="allow browser pages from this origin (repeatable; none by default)",
+    )
+    p.add_argument(
+        "--raw-special-tokens",
+        action="store_true",
+        help="read the chat template's special tokens written in messages as those tokens "
+        "(default: as plain text, so no message can open a turn of another role)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cache = p.add_argument_group("prefix cache (reuse the KV of conversations' shared prefixes)")
@@ -71,10 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from .app import ServerSettings, create_app
         from .engine import Engine
+        from .shutdown import serve
     except ImportError as e:
         raise SpecDecError(
             f"the server needs extra packages ({e.name} is missing): "
@@ -110,13 +119,14 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache=prefix_cache,
     )
     settings = ServerSettings(
-        model_name=args.served_model_name or args.model,
+        model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
         api_key=args.api_key or None,
         enable_thinking=False if args.no_thinking else None,
         default_max_tokens=args.max_tokens,
         max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         cors_origins=args.cors_origin,
+        raw_special_tokens=args.raw_special_tokens,
         sampling={
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -131,7 +141,5 @@ def run(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
-    uvicorn.run(
-        create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level
-    )
+    serve(create_app(engine, settings), engine, args.host, args.port, args.log_level)
     return 0

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import SpecDecError
 from ..generate import encode_prompt
-from .context import Server
+from ..prompts import PromptTooLong, text_size
+from .context import Server, guarded
 from .errors import ApiError
 from .openai_common import ChunkStream, choice, finish_reason, stats
 from .output import Delta, StopFilter
@@ -22,18 +22,21 @@ from .streaming import stream_response
 ENDPOINT = "completions"  # the metrics label
 
 
-def prompt_ids(tokenizer: Any, req: CompletionRequest) -> list[int]:
+def prompt_ids(tokenizer: Any, req: CompletionRequest, max_bytes: int | None) -> list[int]:
+    """The prompt's token ids: raw text is the client's whole prompt, special tokens included
+    (there is no template to break out of). Runs on a prompt worker, off the event loop."""
     prompt = req.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], str):  # one string in a list
         prompt = prompt[0]
-    if not isinstance(prompt, str) and any(t < 0 or t >= len(tokenizer) for t in prompt):
-        raise ApiError(400, f"prompt token ids must be in [0, {len(tokenizer)})")
-    try:
-        ids = encode_prompt(tokenizer, prompt, chat=False)
-    except SpecDecError as e:
-        raise ApiError(400, str(e)) from None
+    if isinstance(prompt, str):
+        size = text_size(prompt, "prompt")
+        if max_bytes is not None and size > max_bytes:
+            raise PromptTooLong("prompt", size, max_bytes)
+    elif any(t < 0 or t >= len(tokenizer) for t in prompt):
+        raise ApiError(400, f"prompt: token ids must be in [0, {len(tokenizer)})")
+    ids = encode_prompt(tokenizer, prompt, chat=False)
     if not ids:
-        raise ApiError(400, "the prompt encodes to no tokens")
+        raise ApiError(400, "prompt: encodes to no tokens")
     return ids
 
 
@@ -49,9 +52,10 @@ def router(server: Server) -> APIRouter:
     tokenizer = server.engine.tokenizer
 
     @api.post("/v1/completions", summary="Text completion (OpenAI, legacy)")
+    @guarded(ENDPOINT)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         opts = server.options(req, req.max_tokens)
-        ids = prompt_ids(tokenizer, req)
+        ids = await server.prepare(prompt_ids, tokenizer, req, server.max_prompt_bytes)
         stops = StopFilter(req.stop_list())
         gen = await server.generate(request, ids, opts, ENDPOINT, stops)
         base = {

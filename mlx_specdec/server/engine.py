@@ -2,6 +2,9 @@
 
 HTTP handlers (on the asyncio loop) submit a `Job` and read its results from an asyncio queue;
 setting `job.cancel` (client gone, stop sequence seen) ends the generation at the next round.
+A handler whose client leaves while its job still waits takes the job back out of the line
+(`withdraw`). `drain` starts a shutdown: waiting jobs are answered with `EngineClosed`, the
+running one is cut after a grace period.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,17 @@ class EngineBusy(Exception):
     def __init__(self, retry_after: int) -> None:
         super().__init__("the server is busy: too many requests are waiting")
         self.retry_after = retry_after
+
+
+class EngineClosed(Exception):
+    """The server is shutting down: the job was not run, or was cut short."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it started (its client left)."""
 
 
 class Metrics:
@@ -77,6 +91,10 @@ class Metrics:
             "specdec_prefix_cache_bytes", "Bytes the prefix cache holds", ["tier"], registry=r
         )
 
+    def count(self, endpoint: str, outcome: str) -> None:
+        """One finished request: ok, disconnected, rejected (busy), invalid, error, shutdown."""
+        self.requests.labels(endpoint, outcome).inc()
+
     def watch(self, prefix_cache: PrefixCache) -> None:
         """Report the cache's size at every scrape."""
         for tier in ("ram", "disk"):
@@ -87,13 +105,14 @@ class Metrics:
 @dataclass
 class Job:
     """One request's generation. Items on `out`: `GenerationChunk`s, then a final
-    `GenerationResult` or an exception."""
+    `GenerationResult` or an exception. `shutdown` is set when a shutdown cut it short."""
 
     ids: list[int]
     options: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False
 
     def put(self, item: Any) -> None:
         try:
@@ -101,9 +120,14 @@ class Job:
         except RuntimeError:  # the event loop is gone (server shutting down): nobody listens
             self.cancel.set()
 
+    def cut(self) -> None:
+        """End the generation at its next round because the server is shutting down."""
+        self.shutdown = True
+        self.cancel.set()
+
 
 class Engine:
-    """A loaded target/drafter pair behind a bounded first-come-first-served queue."""
+    """A loaded target/drafter pair behind a bounded first-come-first-served line."""
 
     def __init__(
         self,
@@ -124,7 +148,12 @@ class Engine:
         self.metrics = Metrics()
         if prefix_cache is not None:
             self.metrics.watch(prefix_cache)
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._line = threading.Condition()  # guards _waiting, _running, closing, _stopped
+        self._running: Job | None = None
+        self.closing = False  # no new jobs: a shutdown has begun
+        self._stopped = False  # the worker ends once the line is empty
         self._mean_seconds = 1.0  # running mean of a request's duration, for Retry-After
         self.busy = False
         self._thread = threading.Thread(target=self._work, name="specdec-engine", daemon=True)
@@ -135,29 +164,72 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
     def submit(self, ids: list[int], options: dict[str, Any]) -> Job:
         job = Job(ids, options, asyncio.get_running_loop())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            wait = self._mean_seconds * (self.queued + 1)
-            raise EngineBusy(max(1, math.ceil(wait))) from None
+        with self._line:
+            if self.closing:
+                raise EngineClosed()
+            if len(self._waiting) >= self.max_queue:
+                wait = self._mean_seconds * (len(self._waiting) + 1)
+                raise EngineBusy(max(1, math.ceil(wait)))
+            self._waiting.append(job)
+            self._line.notify()
         self.metrics.queued.set(self.queued)
         return job
 
+    def withdraw(self, job: Job) -> None:
+        """Cancel `job`; if it still waits, it leaves the line (its place is free at once)."""
+        job.cancel.set()
+        with self._line:
+            if job in self._waiting:
+                self._waiting.remove(job)
+        self.metrics.queued.set(self.queued)
+
+    def drain(self, grace: float = 0.0) -> None:
+        """Begin a shutdown: refuse new jobs, answer the waiting ones with `EngineClosed`, and
+        cut the running one after `grace` seconds if it has not ended by then."""
+        with self._line:
+            self.closing = True
+            waiting, running = list(self._waiting), self._running
+            self._waiting.clear()
+        self.metrics.queued.set(0)
+        for job in waiting:
+            job.cancel.set()
+            job.put(EngineClosed())
+        if running is not None:
+            if grace > 0:
+                threading.Timer(grace, running.cut).start()
+            else:
+                running.cut()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Drain at once and let the worker end (waiting at most `timeout` seconds for it)."""
+        self.drain()
+        with self._line:
+            self._stopped = True
+            self._line.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def _next(self) -> Job | None:
+        with self._line:
+            while not self._waiting and not self._stopped:
+                self._line.wait()
+            if not self._waiting:
+                return None
+            self._running = self._waiting.popleft()
+            return self._running
+
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._next()) is not None:
             self.metrics.queued.set(self.queued)
             if job.cancel.is_set():  # gave up while waiting
+                job.put(JobCancelled())
                 continue
             self.busy = True
             self.metrics.busy.set(1)
@@ -170,6 +242,8 @@ class Engine:
                 log.exception("generation failed")
                 job.put(e)
             finally:
+                with self._line:
+                    self._running = None
                 self.busy = False
                 self.metrics.busy.set(0)
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (

@@ -1,12 +1,33 @@
 """Errors as OpenAI-style JSON answers: `ApiError` for the routes to raise, and the handlers that
-turn every failure (validation, HTTP, unexpected) into `{"error": {...}}`."""
+turn every expected failure (validation, HTTP) into `{"error": {...}}`. Messages name the field
+at fault in the request, never this server's code; unexpected failures are a bare "internal
+error" (the guard middleware answers those, see `app.py`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# Error types of our own, beside OpenAI's invalid_request_error / server_error.
+BUSY, SHUTDOWN, GONE = "server_busy", "server_shutdown", "client_gone"
+# What a union field accepts, said once instead of one complaint per alternative.
+UNION_FIELDS = {
+    "prompt": "must be a string, a list with one string, or a list of token ids",
+    "content": "must be a string or a list of text parts",
+    "stop": "must be a string or a list of strings",
+    "tool_choice": "must be 'none', 'auto' or a function",
+    "logprobs": "must be a boolean or an integer",
+}
+FRIENDLY = {
+    "missing": "is required",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+}
 
 
 class ApiError(Exception):
@@ -18,42 +39,82 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type_, headers
 
+    @property
+    def outcome(self) -> str:
+        """How the metrics count a request that ended with this error."""
+        by_type = {BUSY: "rejected", SHUTDOWN: "shutdown", GONE: "disconnected"}
+        return by_type.get(self.type, "error" if self.status >= 500 else "invalid")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": None}}
+
+
+def shutting_down(cut: bool = False) -> ApiError:
+    what = "the answer was cut short" if cut else "this request was not run"
+    return ApiError(503, f"the server is shutting down: {what}", SHUTDOWN, **{"Retry-After": "5"})
+
 
 def error_response(
     status: int, message: str, type_: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(ApiError(status, message, type_).body(), status, headers=headers)
+
+
+def _where(loc: tuple) -> tuple[str, bool]:
+    """`messages[0].content` from pydantic's location, and whether it went through a union
+    (pydantic then adds the alternative's type, e.g. `list[str]`, which we leave out)."""
+    path, union = "", False
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part.islower():
+            if part in ("str", "int", "float", "bool", "none"):
+                union = True
+                break
+            path += f".{part}" if path else part
+        else:  # a union alternative's tag (`list[int]`, `NamedToolChoice`, `literal[...]`)
+            union = True
+            break
+    return path, union
 
 
 def validation_message(e: RequestValidationError) -> str:
-    """What was wrong with the body, in one line (the first five problems)."""
-    parts = []
-    for err in e.errors()[:5]:
-        loc = [str(p) for p in err.get("loc", ())]
-        if err.get("type") == "json_invalid":
+    """What was wrong with the body, in one line (at most five problems, one per field)."""
+    seen: dict[str, str] = {}
+    for err in e.errors():
+        kind = err.get("type")
+        if kind == "json_invalid":
             return "the body is not valid JSON"
-        if loc == ["body"] and err.get("type") in ("model_attributes_type", "missing"):
+        path, union = _where(tuple(err.get("loc", ())))
+        if not path and kind in ("model_attributes_type", "missing", "dict_type"):
             return "the body must be a JSON object (send Content-Type: application/json)"
-        where = ".".join(p for p in loc if p != "body")
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts) or "invalid request"
+        if union:
+            field = path.rsplit(".", 1)[-1].split("[")[0]
+            msg = UNION_FIELDS.get(field, "has the wrong type")
+        else:
+            msg = FRIENDLY.get(kind) or str(err.get("msg", "is invalid"))
+            msg = msg.removeprefix("Value error, ")
+        seen.setdefault(path, f"{path}: {msg}" if path else msg)
+    return "; ".join(list(seen.values())[:5]) or "invalid request"
 
 
-def add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI, count: Callable[[Request, ApiError], None]) -> None:
+    """Answer errors as OpenAI does; `count` is told of each (the metrics)."""
+
+    def answer(request: Request, e: ApiError) -> JSONResponse:
+        count(request, e)
+        return JSONResponse(e.body(), e.status, headers=e.headers or None)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.headers or None)
+        return answer(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(e), "invalid_request_error")
+        return answer(request, ApiError(400, validation_message(e)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {e}", "server_error")
+        return answer(request, ApiError(e.status_code, str(e.detail), **(e.headers or {})))

@@ -9,9 +9,7 @@ from typing import Any, ClassVar
 
 from ..generate import GenerationResult
 from .output import Delta
-from .streaming import Generation
-
-DONE = "data: [DONE]\n\n"
+from .streaming import DONE, Generation
 
 
 def sse(body: dict[str, Any]) -> str:

@@ -1,19 +1,46 @@
 """Request bodies of the OpenAI API subset this server speaks (the OpenAPI schema comes from
 these). Unknown fields are ignored, as OpenAI clients send many; a known field this server cannot
-honour is refused rather than silently dropped."""
+honour is refused rather than silently dropped.
+
+Types are strict: `true` is no integer and `"yes"` no boolean. Integers are bounded, and free-form
+JSON (tool schemas, arguments, template variables) is bounded in depth, so that nothing later
+recurses too deep on it.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ..prompts import MAX_DEPTH
+from ..safejson import nesting_depth, object_depth
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
+MAX_INT = 2**31 - 1  # counts: tokens, top_k
+MAX_SEED = 2**63 - 1
+
+
+def _shallow(value: Any) -> Any:
+    if object_depth(value, MAX_DEPTH) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _shallow_json(text: str) -> str:
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    return text
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_shallow)]
+JsonText = Annotated[str, AfterValidator(_shallow_json)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -23,7 +50,7 @@ class StreamOptions(_Request):
 class FunctionDef(_Request):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
 
 
 class Tool(_Request):
@@ -42,7 +69,7 @@ class NamedToolChoice(_Request):
 
 class FunctionCall(_Request):
     name: str
-    arguments: str = "{}"
+    arguments: JsonText = "{}"
 
 
 class ToolCallIn(_Request):
@@ -69,37 +96,37 @@ class SamplingFields(_Request):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Count | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_INT, description="0: off")
     min_p: float | None = Field(default=None, ge=0, lt=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, description="only 1 is supported")
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int = Field(default=1, ge=1, le=MAX_INT, description="only 1 is supported")
+    logprobs: bool | int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SamplingFields:
         if self.n != 1:
-            raise ValueError("n must be 1: this server returns one choice per request")
+            raise ValueError("n: must be 1 (this server returns one choice per request)")
         stops = self.stop_list()
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} sequences")
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
+            raise ValueError(f"stop: each sequence must have 1 to {MAX_STOP_CHARS} characters")
         # Refused rather than ignored: a client asking for these would get something else.
         if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported")
+            raise ValueError("logprobs: not supported")
         if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported")
+            raise ValueError("presence_penalty, frequency_penalty: not supported")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("logit_bias: not supported")
         return self
 
     def stop_list(self) -> list[str]:
@@ -113,20 +140,20 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Count | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     enable_thinking: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: JsonObject | None = None
+    response_format: JsonObject | None = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
+            raise ValueError("response_format: only type text is supported")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError(
-                "tool_choice 'required' or a named function is not supported (decoding is not "
+                "tool_choice: 'required' or a named function is not supported (decoding is not "
                 "constrained); use 'auto' or 'none'"
             )
         return self
@@ -138,7 +165,7 @@ class CompletionRequest(SamplingFields):
     )
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_INT)
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
@@ -146,9 +173,9 @@ class CompletionRequest(SamplingFields):
         if texts and len(self.prompt) != 1:
             raise ValueError("prompt: give one string (batches are not supported)")
         if not self.prompt or self.prompt == [""]:
-            raise ValueError("prompt is empty")
+            raise ValueError("prompt: is empty")
         if self.echo or self.suffix:
-            raise ValueError("echo and suffix are not supported")
+            raise ValueError("echo, suffix: not supported")
         if self.best_of not in (None, 1):
-            raise ValueError("best_of must be 1")
+            raise ValueError("best_of: must be 1")
         return self

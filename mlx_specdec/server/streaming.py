@@ -4,24 +4,34 @@ that streams any family's event format.
 
 A route family renders its request to token ids, starts a `Generation` (`Server.generate`), then
 either `collect`s the whole answer or hands the generation and its `EventFormat` to
-`stream_response`.
+`stream_response`. Every request is counted once in the metrics: a `Generation` counts itself
+when it ends; errors before one exists are counted by the error handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from ..errors import SpecDecError
 from ..generate import GenerationChunk, GenerationResult
-from .engine import Engine, Job
-from .errors import ApiError
+from .engine import Engine, EngineClosed, Job, JobCancelled
+from .errors import GONE, ApiError, shutting_down
 from .output import Delta, OutputSplitter, StopFilter
+
+DONE = "data: [DONE]\n\n"
+
+
+def client_gone() -> ApiError:
+    """Raised when the client left before its answer began; nobody reads the answer."""
+    return ApiError(499, "the client closed the connection", GONE)
 
 
 @contextlib.asynccontextmanager
@@ -44,14 +54,35 @@ async def watch_disconnect(request: Request, job: Job) -> AsyncIterator[asyncio.
         task.cancel()
 
 
-async def first_item(job: Job) -> GenerationChunk | GenerationResult:
-    """Wait (in the queue, then through prefill) for the job's first item, so that errors surface
-    before any header is sent."""
-    item = await job.out.get()
+def _as_error(item: Exception, cut: bool = False) -> ApiError:
+    """An engine's exception as the answer the client gets (never the exception's own text,
+    unless it is one of our explained errors)."""
+    if isinstance(item, EngineClosed):
+        return shutting_down(cut)
+    if isinstance(item, JobCancelled):
+        return client_gone()
     if isinstance(item, SpecDecError):
-        raise ApiError(400, str(item))
+        return ApiError(400, str(item))
+    return ApiError(500, "generation failed", "server_error")
+
+
+async def first_item(job: Job, gone: asyncio.Event) -> GenerationChunk | GenerationResult:
+    """Wait (in the queue, then through prefill) for the job's first item, so that errors surface
+    before any header is sent. A client that leaves meanwhile ends the wait at once."""
+    getter = asyncio.ensure_future(job.out.get())
+    leaving = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({getter, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        got = getter.done()
+        if not got:
+            getter.cancel()  # safe: an asyncio.Queue loses no item to a cancelled get
+    if not got:
+        raise client_gone()
+    item = getter.result()
     if isinstance(item, Exception):
-        raise ApiError(500, f"generation failed: {item}", "server_error")
+        raise _as_error(item)
     return item
 
 
@@ -60,7 +91,7 @@ class Generation:
 
     Stop sequences are cut by `stops`; `splitter` (None: all text is content) separates reasoning
     and tool calls. Leaving early (client gone) or hitting a stop sequence cancels the job: the
-    engine stops at its next round.
+    engine stops at its next round. A job a shutdown cut short ends in an error.
     """
 
     def __init__(
@@ -76,6 +107,7 @@ class Generation:
         self.engine, self.request, self.job, self.first = engine, request, job, first
         self.stops, self.splitter, self.endpoint = stops, splitter, endpoint
         self.result: GenerationResult | None = None
+        self.outcome: str | None = None
 
     @property
     def stopped(self) -> bool:
@@ -91,8 +123,10 @@ class Generation:
         try:
             while True:
                 if isinstance(item, Exception):
-                    raise ApiError(500, f"generation failed: {item}", "server_error")
+                    raise _as_error(item, cut=True)
                 if isinstance(item, GenerationResult):
+                    if self.job.shutdown:
+                        raise shutting_down(cut=True)
                     delta = self._split(self.stops.flush())
                     if self.splitter:
                         delta.merge(self.splitter.flush())
@@ -112,7 +146,7 @@ class Generation:
 
     async def collect(self) -> Delta:
         """The whole output, for a non-streamed answer; a client that leaves meanwhile cancels
-        the job."""
+        the job. An error is left for the error handlers to count."""
         out = Delta()
         async with watch_disconnect(self.request, self.job) as gone:
             async for delta in self.deltas():
@@ -121,9 +155,11 @@ class Generation:
         return out
 
     def finish(self, outcome: str) -> None:
-        """Count the request ("ok" or "disconnected") and make sure its job ends."""
+        """Count the request (once) and make sure its job ends."""
         self.job.cancel.set()
-        self.engine.metrics.requests.labels(self.endpoint, outcome).inc()
+        if self.outcome is None:
+            self.outcome = outcome
+            self.engine.metrics.count(self.endpoint, outcome)
 
     def x_specdec(self) -> dict[str, Any]:
         """How speculative decoding went, the block every answer carries."""
@@ -156,9 +192,25 @@ class EventFormat(Protocol):
         ...
 
 
+class _EventStream(StreamingResponse):
+    """A streamed answer that counts its request even when it never started to send (the
+    client left first)."""
+
+    def __init__(self, gen: Generation, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.gen = gen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.finish("disconnected")  # a no-op once counted
+
+
 def stream_response(gen: Generation, fmt: EventFormat) -> StreamingResponse:
     """The generation as server-sent events. A client that leaves cancels the job and is counted
-    as "disconnected"."""
+    as "disconnected"; an error after the first event (a shutdown) is the last event, then
+    `[DONE]`."""
 
     async def events() -> AsyncIterator[str]:
         outcome = "disconnected"
@@ -169,9 +221,14 @@ def stream_response(gen: Generation, fmt: EventFormat) -> StreamingResponse:
                 for event in fmt.piece(delta):
                     yield event
             outcome = "ok"
+        except ApiError as e:
+            outcome = e.outcome
+            yield f"data: {json.dumps(e.body())}\n\n"
+            yield DONE
         finally:
             gen.finish(outcome)
-        for event in fmt.closing(gen):
-            yield event
+        if outcome == "ok":
+            for event in fmt.closing(gen):
+                yield event
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _EventStream(gen, events())
