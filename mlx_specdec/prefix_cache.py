@@ -10,6 +10,10 @@ safetensors files (one per entry, the tokens in the header) and read back when a
 matches them better than anything in RAM; the folder is bounded too, oldest files go first.
 mlx-lm's own `LRUPromptCache` keeps target caches only and has no eviction hook for a disk
 tier, hence this module.
+
+The folder is read as untrusted: a file that fails any check is skipped with one warning line
+(and deleted when it is ours, by its name or its header), symlinks are never followed, and
+headers are parsed within bounds of size and depth.
 """
 
 from __future__ import annotations
@@ -17,22 +21,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mlx.core as mx
 import numpy as np
 
+from . import safejson
 from .cache import Snapshot
 from .errors import SpecDecError
 
 log = logging.getLogger("mlx_specdec.prefix_cache")
 
 FORMAT = "mlx-specdec-prefix/1"
+ENTRY_NAME = re.compile(r"prefix-[0-9a-f]{40}\.safetensors")  # how `_path` names our files
+OWNER = re.compile(r"[0-9a-f]{1,64}")  # a `fingerprint`
+MAX_HEADER_BYTES = 16 * 2**20  # the tokens of a million-token entry fit several times
+MAX_HEADER_DEPTH = 3  # {"0.keys": {"shape": [...]}}
+MAX_TOKEN_ID = 2**31 - 1  # above any vocabulary (model-side ids are int32)
+_NOFOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class BadEntry(ValueError):
+    """A file in the folder that fails a check; `ours` when it is one of our entry files."""
+
+    def __init__(self, reason: str, ours: bool) -> None:
+        super().__init__(reason)
+        self.ours = ours
 
 
 def fingerprint(target: Any, drafter: Any) -> str:
@@ -182,14 +204,13 @@ class PrefixCache:
             "n_target": str(entry.n_target),
             "tokens": json.dumps(entry.tokens.tolist()),
         }
-        tmp = self.spill_dir / ".partial" / path.name  # out of sight of `_scan` until whole
         try:
-            tmp.parent.mkdir(exist_ok=True)
+            tmp = self._partial_dir() / path.name  # out of sight of `_scan` until whole
             mx.save_safetensors(str(tmp), arrays, meta)
             tmp.replace(path)  # never leave a half-written entry under the real name
         except OSError as e:
             log.warning("prefix cache: could not write %s (%s); entry dropped", path, e)
-            tmp.unlink(missing_ok=True)
+            (self.spill_dir / ".partial" / path.name).unlink(missing_ok=True)
             return
         self._disk[entry.key] = (path, entry.tokens, path.stat().st_size)
         self.counts["spilled"] += 1
@@ -197,43 +218,44 @@ class PrefixCache:
             _, (old, _, _) = self._disk.popitem(last=False)
             old.unlink(missing_ok=True)
 
-    def _scan(self) -> None:
-        """Index the folder's entry files from their headers; anything else is left alone."""
+    def _partial_dir(self) -> Path:
+        """The folder half-written entries go to: a real folder inside ours (a symlink or a
+        file in its place is removed, so nothing is written elsewhere)."""
         assert self.spill_dir is not None
-        files = sorted(self.spill_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        for path in files:
+        partial = self.spill_dir / ".partial"
+        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+            partial.unlink()
+        partial.mkdir(exist_ok=True)
+        return partial
+
+    def _scan(self) -> None:
+        """Index the folder's entry files from their headers; anything else is left alone.
+        Never raises: a file that fails a check is skipped, with one warning line."""
+        assert self.spill_dir is not None
+        for path, size in _regular_files(self.spill_dir):
             try:
-                meta = read_safetensors_metadata(path)
-                if meta.get("format") != FORMAT:
-                    raise ValueError("not an mlx-specdec prefix cache file")
-                tokens = np.asarray(json.loads(meta["tokens"]), dtype=np.int64)
-                key = (meta["owner"], tokens.tobytes())
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("prefix cache: ignoring %s (%s)", path, e)
+                key, tokens = _read_entry(path)
+            except BadEntry as e:
+                _skip(path, e)
                 continue
-            self._disk[key] = (path, tokens, path.stat().st_size)
+            self._disk[key] = (path, tokens, size)
 
     def _load(self, key: tuple[str, bytes]) -> Snapshot | None:
         """Read a spilled entry back into RAM; a file that fails to load is deleted, with a
         warning."""
         path, tokens, _ = self._disk[key]
         try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
-            n_target = int(meta["n_target"])
-            layers = []
-            for i in range(len(arrays) // 2):
-                k, v = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-                if k.ndim != 4 or v.ndim != 4 or not k.shape[2] == v.shape[2] == len(tokens):
-                    raise ValueError("array shapes do not match the tokens")
-                layers.append((k, v))
-            if len(arrays) != 2 * len(layers) or not 0 < n_target <= len(layers):
-                raise ValueError("unexpected arrays")
-            entry = Snapshot(key[0], tokens, tuple(layers), n_target)
+            with _open_regular(path) as f:
+                meta = _read_metadata(f)
+                if _entry_key(meta)[0] != key:
+                    raise ValueError("the file changed since the folder was read")
+                f.seek(0)
+                arrays = mx.load(f, format="safetensors")
+            entry = _snapshot(key, tokens, arrays, int(meta["n_target"]))
             mx.eval(entry.layers)
         except Exception as e:  # noqa: BLE001 - a bad file must never take the server down
-            log.warning("prefix cache: ignoring %s (%s); deleted it", path, e)
             self._disk.pop(key, None)
-            path.unlink(missing_ok=True)  # our own entry file (its header said so), now useless
+            _skip(path, BadEntry(str(e), ours=True))  # indexed, so its header said it is ours
             return None
         self.counts["loaded"] += 1
         self._disk.move_to_end(key)
@@ -246,18 +268,118 @@ class PrefixCache:
         return entry
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        size = path.stat().st_size
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("truncated file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
-            raise ValueError("bad header length")
-        header = json.loads(f.read(n))
+def _snapshot(key: tuple[str, bytes], tokens: np.ndarray, arrays: dict, n_target: int) -> Snapshot:
+    """The entry a file's arrays make, checked against its tokens."""
+    layers = []
+    for i in range(len(arrays) // 2):
+        k, v = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        if k.ndim != 4 or v.ndim != 4 or not k.shape[2] == v.shape[2] == len(tokens):
+            raise ValueError("array shapes do not match the tokens")
+        layers.append((k, v))
+    if len(arrays) != 2 * len(layers) or not 0 < n_target <= len(layers):
+        raise ValueError("unexpected arrays")
+    return Snapshot(key[0], tokens, tuple(layers), n_target)
+
+
+def _skip(path: Path, e: BadEntry) -> None:
+    """One warning line for a file that failed a check; ours are deleted (never followed: a
+    symlink's removal removes the link)."""
+    if e.ours:
+        path.unlink(missing_ok=True)
+    log.warning("prefix cache: ignoring %s (%s)%s", path, e, "; deleted it" if e.ours else "")
+
+
+def _regular_files(folder: Path) -> Iterator[tuple[Path, int]]:
+    """`(path, size)` of the folder's `*.safetensors` regular files, oldest first; anything
+    else under that name (symlink, folder, FIFO) is skipped with a warning."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.endswith(".safetensors"):
+                continue
+            path = Path(entry.path)
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                _skip(path, BadEntry(e.strerror or "cannot stat", ours=False))
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                _skip(path, BadEntry("not a regular file; symlinks are not followed", ours=False))
+                continue
+            found.append((info.st_mtime, path, info.st_size))
+    for _, path, size in sorted(found):
+        yield path, size
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file, never through a symlink (and never
+    blocking on a FIFO put in its place)."""
+    fd = os.open(path, _NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_entry(path: Path) -> tuple[tuple[str, bytes], np.ndarray]:
+    """The index key and tokens of one of our entry files, from its header alone."""
+    ours = ENTRY_NAME.fullmatch(path.name) is not None
+    try:
+        with _open_regular(path) as f:
+            meta = _read_metadata(f)
+        ours = ours or meta.get("format") == FORMAT
+        return _entry_key(meta)
+    except (OSError, ValueError) as e:
+        raise BadEntry(getattr(e, "strerror", None) or str(e), ours) from None
+
+
+def _entry_key(meta: dict[str, Any]) -> tuple[tuple[str, bytes], np.ndarray]:
+    """`((owner, token bytes), tokens)` of our entry metadata; `ValueError` on anything off."""
+    if meta.get("format") != FORMAT:
+        raise ValueError("not an mlx-specdec prefix cache file")
+    owner, n_target = meta.get("owner"), meta.get("n_target")
+    if not (isinstance(owner, str) and OWNER.fullmatch(owner)):
+        raise ValueError("bad owner")
+    if not (isinstance(n_target, str) and n_target.isdigit() and 0 < int(n_target) < 2**16):
+        raise ValueError("bad n_target")
+    tokens = _tokens(meta.get("tokens"))
+    return (owner, tokens.tobytes()), tokens
+
+
+def _tokens(text: Any) -> np.ndarray:
+    if not isinstance(text, str):
+        raise ValueError("bad tokens")
+    values = safejson.loads(text, max_depth=1)
+    if not (isinstance(values, list) and values):
+        raise ValueError("bad tokens")
+    if not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in values):
+        raise ValueError("tokens are not token ids")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _read_metadata(f: IO[bytes]) -> dict[str, Any]:
+    """The `__metadata__` of an open safetensors file, from its header alone, within bounds."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) != 8:
+        raise ValueError("truncated file")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"header over the bound of {MAX_HEADER_BYTES} bytes")
+    if n > size - 8:
+        raise ValueError("truncated header")
+    header = safejson.loads(f.read(n), max_depth=MAX_HEADER_DEPTH)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("no metadata")
     return meta
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors file, from its header alone (bounded; a symlink or
+    anything but a regular file raises `OSError` or `ValueError`)."""
+    with _open_regular(path) as f:
+        return _read_metadata(f)
