@@ -12,8 +12,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import registry
-from .drafters import dspark, family_of
+from .drafters import dspark, family_of, formats
 from .drafters.base import Drafter
+from .drafters.formats import gguf
 from .drafters.layers import quantize_drafter
 from .errors import SpecDecError
 from .kernels import weight_sharing_copy
@@ -30,7 +31,7 @@ _TARGET_FILES = [
     "*.jsonl",
     "*.jinja",
 ]
-_DRAFTER_FILES = ["*.json", "*.safetensors"]
+_DRAFTER_FILES = ["*.json", "*.safetensors", "*.gguf"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PairConfig:
     drafter_kind: str | None = None
     drafter_bits: int | None = None
     drafter_config: dict[str, Any] = field(default_factory=dict)
+    drafter_format: str | None = None  # native, speculators, specforge or gguf
     shared_with_target: list[str] = field(default_factory=list)
 
 
@@ -197,6 +199,37 @@ def _check_compatible(drafter: Drafter, config: dict, target: Target, what: str)
     target.set_taps(drafter.tap_ids)
 
 
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file a drafter path names: the file itself, or a folder's only *.gguf (when it
+    has no config.json)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if found and not (path / "config.json").is_file():
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise SpecDecError(
+                f"drafter folder '{path}' has several GGUF files ({names}); name one"
+            )
+        return found[0]
+    return None
+
+
+def read_drafter(drafter: str, target_layers: int, what: str) -> formats.Checkpoint:
+    """A drafter checkpoint of any known format (local or downloaded), in its family's layout."""
+    local = Path(drafter).expanduser()
+    path = local if local.is_file() and local.suffix == ".gguf" else None
+    path = path or resolve_path(drafter, "drafter", _DRAFTER_FILES)
+    file = _gguf_file(path)
+    if file is not None:
+        config, weights = gguf.translate(*gguf.read(file, what), what)
+        checkpoint = formats.translate(config, weights, what, target_layers)
+        checkpoint.format = "gguf"
+        return checkpoint
+    config = read_config(path, "drafter")
+    return formats.translate(config, read_safetensors(path, "drafter"), what, target_layers)
+
+
 def load_drafter(
     drafter: str,
     target: Target,
@@ -211,8 +244,8 @@ def load_drafter(
     if bits not in DRAFTER_BITS:
         raise SpecDecError(f"--drafter-bits must be one of 4, 8, 16, 32, got {bits}")
     what = f"drafter '{drafter}'"
-    path = resolve_path(drafter, "drafter", _DRAFTER_FILES)
-    config = read_config(path, "drafter")
+    checkpoint = read_drafter(drafter, target.num_layers, what)
+    config = {**checkpoint.config, "checkpoint_format": checkpoint.format}
     family = family_of(config, what)
     if mode not in ("auto", family.MODE) and not family.accepts_mode(config, mode):
         raise SpecDecError(
@@ -221,7 +254,13 @@ def load_drafter(
         )
     options = {"confidence_threshold": confidence_threshold} if family is dspark else {}
     model = family.build(config, what, **options)
-    _load_into(model, read_safetensors(path, "drafter"), what)
+    _load_into(model, checkpoint.weights, what)
+    if checkpoint.draft_ids is not None:
+        if not hasattr(model, "map_draft_vocab"):
+            raise SpecDecError(
+                f"{what}: a reduced draft vocabulary is not supported for {family.MODE}"
+            )
+        model.map_draft_vocab(checkpoint.draft_ids)
     _check_compatible(model, config, target, what)
     shared = model.share_target_tensors(target)
     quantize_drafter(model, bits)
@@ -285,5 +324,6 @@ def load_pair(
     config.mode = loaded.kind if resolved_mode == "auto" else resolved_mode
     config.drafter, config.drafter_kind = drafter_ref, loaded.kind
     config.drafter_bits, config.drafter_config = drafter_bits, drafter_config
+    config.drafter_format = drafter_config.get("checkpoint_format")
     config.shared_with_target = shared
     return target, tokenizer, loaded, config

@@ -1,19 +1,20 @@
 """Drafter families. Each module exposes ARCHITECTURES (the config `architectures` names it
 loads), MODE, `accepts_mode(config, mode)` and `build(config, what, **options) -> Drafter`
-(a `base.Drafter`; DSpark's only option is `confidence_threshold`)."""
+(a `base.Drafter`; DSpark's only option is `confidence_threshold`). Checkpoints in other
+formats reach these families through `formats`, which translates them first."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import SpecDecError
-from . import dflash, dspark, eagle3
+from . import dflash, dflash2, dspark, eagle3
 
-FAMILIES: tuple[ModuleType, ...] = (dspark, dflash, eagle3)
+FAMILIES: tuple[ModuleType, ...] = (dspark, dflash, dflash2, eagle3)
 
 _REFUSED = {
-    "DFlash2DraftModel": "DFlash-2 checkpoints (candidate selector + dynamic convolutions) are "
-    "not supported; use a DFlash-1 (DFlashDraftModel) checkpoint",
+    "Qwen35DSparkModel": "Qwen3.5-native DSpark heads (gated q_proj, offset norms) are not "
+    "supported; DeepSpec's Qwen3DSparkModel for the same target is",
 }
 
 

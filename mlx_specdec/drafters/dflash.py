@@ -136,7 +136,7 @@ class DFlashDrafter(nn.Module):
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.layers = [
-            InjectedDecoderLayer(s, config.intermediate_size) for _ in range(config.num_layers)
+            self.make_layer(s, config.intermediate_size) for _ in range(config.num_layers)
         ]
         if config.rope_scaling:  # yarn & co. (the drafter's own rope, never the target's)
             for layer in self.layers:
@@ -151,6 +151,9 @@ class DFlashDrafter(nn.Module):
         # The target, bound by `share_target_tensors`; a plain attribute so its weights are never
         # part of (or quantized with) ours.
         object.__setattr__(self, "_target", None)
+
+    def make_layer(self, s: AttentionShape, intermediate_size: int) -> nn.Module:
+        return InjectedDecoderLayer(s, intermediate_size)
 
     def share_target_tensors(self, target: Target) -> list[str]:
         """DFlash has no embedding or LM head of its own: it always uses the target's."""
@@ -172,10 +175,11 @@ class DFlashDrafter(nn.Module):
             )
         return self._target
 
-    def logits(
+    def hidden(
         self, block: mx.array, context: mx.array, caches: list[KVCache], rows: int
     ) -> mx.array:
-        """Block ids [B] + new context taps [S, m*H] -> logits of block rows 1..rows [rows, V]."""
+        """Block ids [B] + new context taps [S, m*H] -> normed hidden states of block rows
+        1..rows [rows, H]."""
         cfg, target = self.config, self._bound()
         x = target.embed_tokens(block)[None]
         scale = target.embed_scale * cfg.input_embedding_scale  # mlx-lm applies Gemma's outside
@@ -189,13 +193,24 @@ class DFlashDrafter(nn.Module):
         }
         for layer, cache, key in zip(self.layers, caches, zip(cfg.windows, cfg.causal)):
             x = layer(x, c, cache, masks[key])
-        h = self.norm(x)[0, 1 : 1 + rows]
-        out = target.project(h)  # no target soft-cap: the drafter's own settings apply
+        return self.norm(x)[0, 1 : 1 + rows]
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states -> logits: the target's head, then the drafter's own multiplier and
+        soft-cap (never the target's soft-cap)."""
+        cfg = self.config
+        out = self._bound().project(h)
         if cfg.output_multiplier != 1.0:
             out = out * cfg.output_multiplier
         if cfg.logit_softcap:
             out = mx.tanh(out / cfg.logit_softcap) * cfg.logit_softcap
         return out
+
+    def logits(
+        self, block: mx.array, context: mx.array, caches: list[KVCache], rows: int
+    ) -> mx.array:
+        """Block ids [B] + new context taps [S, m*H] -> logits of block rows 1..rows [rows, V]."""
+        return self.head(self.hidden(block, context, caches, rows))
 
     def propose(
         self,

@@ -5,7 +5,7 @@ classes with `markov_rank = 0` and no confidence head. The DeepSpec repository's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,7 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
+    rope_scaling,
 )
 
 ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
@@ -49,6 +50,13 @@ class DSparkConfig:
     architecture: str
     gemma: bool = False  # Gemma-4 layers, scaled embeddings, soft-capped logits
     logit_softcap: float | None = None
+    # Other formats (defaults are DeepSpec's): the first block row that drafts (0: the anchor's
+    # row predicts the next token; 1: rows 1.. predict their own position, as z-lab DFlash), a
+    # reduced draft vocabulary, and embedding / LM head borrowed from the target.
+    logits_start: int = 0
+    draft_vocab_size: int | None = None
+    shared_embedding: bool = False
+    shared_lm_head: bool = False
 
     @property
     def kind(self) -> str:
@@ -65,12 +73,29 @@ class DSparkConfig:
                 f"{where}: markov_head_type '{head_type}' is not supported (only 'vanilla', "
                 "the type of every released DSpark checkpoint)"
             )
+        if c.get("log_snr_conditioning"):
+            raise SpecDecError(
+                f"{where}: log_snr_conditioning = true (GIDD diffusion conditioning) is not "
+                "supported"
+            )
+        start = int(c.get("logits_start", 0))
+        if start not in (0, 1):
+            raise SpecDecError(f"{where}: logits_start must be 0 or 1, got {start}")
         architecture = (c.get("architectures") or ["?"])[0]
         gemma = architecture == "Gemma4DSparkModel"
         if gemma:
             check_gemma4_drafter(c, where)
+        shape = gemma4_attention_shape(c) if gemma else attention_shape(c)
+        scaling = None if gemma else rope_scaling(c, where)
+        if scaling:
+            shape = replace(
+                shape,
+                rope_scaling=scaling,
+                max_position_embeddings=c.get("max_position_embeddings"),
+            )
+        draft_vocab = c.get("draft_vocab_size")
         return cls(
-            shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
+            shape=shape,
             intermediate_size=int(c["intermediate_size"]),
             num_layers=int(c["num_hidden_layers"]),
             vocab_size=int(c["vocab_size"]),
@@ -84,16 +109,24 @@ class DSparkConfig:
             architecture=architecture,
             gemma=gemma,
             logit_softcap=c.get("final_logit_softcapping") if gemma else None,
+            logits_start=start,
+            draft_vocab_size=int(draft_vocab) if draft_vocab else None,
+            shared_embedding=bool(c.get("shared_embedding", False)),
+            shared_lm_head=bool(c.get("shared_lm_head", False)),
         )
+
+    @property
+    def head_rows(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
 
 
 class MarkovHead(nn.Module):
     """First-order token transition bias: bias(prev) = W2 · W1[prev]."""
 
-    def __init__(self, vocab_size: int, rank: int):
+    def __init__(self, vocab_size: int, rank: int, draft_vocab_size: int):
         super().__init__()
-        self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w1 = nn.Embedding(vocab_size, rank)  # indexed by the previous target id
+        self.markov_w2 = nn.Linear(rank, draft_vocab_size, bias=False)
 
 
 class ConfidenceHead(nn.Module):
@@ -117,8 +150,9 @@ class DSparkDrafter(TargetCopies, nn.Module):
         self.kind = config.kind
         self.confidence_threshold = confidence_threshold
         self.tap_ids = config.target_layer_ids
-        self.max_draft = config.block_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
+        self.max_draft = config.block_size - config.logits_start
+        if not config.shared_embedding:
+            self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.layers = [
@@ -126,9 +160,10 @@ class DSparkDrafter(TargetCopies, nn.Module):
             for _ in range(config.num_layers)
         ]
         self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
+        if not config.shared_lm_head:
+            self.lm_head = nn.Linear(s.hidden_size, config.head_rows, bias=False)
         if config.markov_rank:
-            self.markov_head = MarkovHead(config.vocab_size, config.markov_rank)
+            self.markov_head = MarkovHead(config.vocab_size, config.markov_rank, config.head_rows)
         if config.confidence_head:
             extra = config.markov_rank if config.confidence_with_markov else 0
             self.confidence_head = ConfidenceHead(s.hidden_size + extra)
@@ -160,17 +195,18 @@ class DSparkDrafter(TargetCopies, nn.Module):
     ) -> Proposal:
         cfg = self.config
         block = anchor_block(next_tokens, cfg.block_size, cfg.mask_token_id)
-        h = self.backbone(block, context, state)[:n]
+        start = cfg.logits_start
+        h = self.backbone(block, context, state)[start : start + n]
         logits = self._head(h)
         if not cfg.markov_rank:  # DFlash-style: slots are independent
-            return Proposal(*pick(logits, params))
+            return Proposal(*pick(self._to_target(logits), params))
         # Markov: slot k's bias depends on the token drawn at slot k-1 (the anchor for k = 0).
         w1, w2 = self.markov_head.markov_w1, self.markov_head.markov_w2
         prev = block[:1]
         tokens, qs, prevs = [], [], []
         for k in range(n):
             prevs.append(prev)
-            prev, q = pick(logits[k : k + 1] + w2(w1(prev)), params)
+            prev, q = pick(self._to_target(logits[k : k + 1] + w2(w1(prev))), params)
             tokens.append(prev)
             if q is not None:
                 qs.append(q)

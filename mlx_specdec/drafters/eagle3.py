@@ -33,6 +33,7 @@ from .layers import (
     gemma_embed_scale,
     pick,
     require_keys,
+    rope_scaling,
 )
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Gemma4Eagle3Model")
@@ -48,6 +49,14 @@ class Eagle3Config:
     ttt_length: int
     gemma: bool = False  # Gemma-4 layer, scaled embeddings, soft-capped logits
     logit_softcap: float | None = None
+    # Other formats (defaults are DeepSpec's): a reduced draft vocabulary, the target's
+    # embedding when the checkpoint has none, the residual taken after hidden_norm
+    # (speculators `norm_before_residual`), the normed output fed to the next chain step
+    # (speculators `norm_output`, EAGLE 3.1).
+    draft_vocab_size: int | None = None
+    shared_embedding: bool = False
+    norm_before_residual: bool = False
+    norm_output: bool = False
 
     @classmethod
     def from_dict(cls, c: dict, where: str = "config.json") -> Eagle3Config:
@@ -66,14 +75,30 @@ class Eagle3Config:
         if gemma:
             check_gemma4_drafter(c, where)
         cap = c.get("final_logit_softcapping") if gemma else None
+        act = c.get("hidden_act", "silu")
+        if not gemma and act != "silu":
+            raise SpecDecError(f"{where}: EAGLE3 hidden_act '{act}' is not supported (only silu)")
+        shape = gemma4_attention_shape(c) if gemma else attention_shape(c)
+        if not gemma:
+            shape = replace(
+                shape,
+                qk_norm=bool(c.get("qk_norm", True)),
+                rope_scaling=rope_scaling(c, where),
+                max_position_embeddings=c.get("max_position_embeddings"),
+            )
+        draft_vocab = c.get("draft_vocab_size")
         return cls(
-            shape=gemma4_attention_shape(c) if gemma else attention_shape(c),
+            shape=shape,
             intermediate_size=int(c["intermediate_size"]),
             vocab_size=int(c["vocab_size"]),
             target_layer_ids=tuple(int(i) for i in c["target_layer_ids"]),
             ttt_length=ttt,
             gemma=gemma,
             logit_softcap=float(cap) if cap else None,
+            draft_vocab_size=int(draft_vocab) if draft_vocab else None,
+            shared_embedding=bool(c.get("shared_embedding", False)),
+            norm_before_residual=bool(c.get("norm_before_residual", False)),
+            norm_output=bool(c.get("norm_output", False)),
         )
 
 
@@ -98,16 +123,25 @@ class Eagle3Layer(InjectedDecoderLayer):
     gelu-tanh MLP and `layer_scalar`) with EAGLE3's input: [input_layernorm(embeds) ;
     hidden_norm(hidden)] feeds the attention, the hidden stream is the residual."""
 
-    def __init__(self, s: AttentionShape, intermediate_size: int, gemma: bool = False):
+    def __init__(
+        self,
+        s: AttentionShape,
+        intermediate_size: int,
+        gemma: bool = False,
+        norm_before_residual: bool = False,
+    ):
         super().__init__(s, intermediate_size, gemma=gemma)
         self.hidden_norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
         self.self_attn = Eagle3Attention(s)
+        self.norm_before_residual = norm_before_residual
 
     def __call__(self, embeds: mx.array, hidden: mx.array, cache: KVCache) -> mx.array:
         """embeds, hidden [1, T, H] -> the last row's output hidden state [1, 1, H] (pre-norm;
         it is also the next chain step's hidden input)."""
-        x = mx.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
-        return self.after_attention(hidden[:, -1:], self.self_attn(x, cache))
+        normed = self.hidden_norm(hidden)
+        x = mx.concatenate([self.input_layernorm(embeds), normed], axis=-1)
+        residual = normed if self.norm_before_residual else hidden
+        return self.after_attention(residual[:, -1:], self.self_attn(x, cache))
 
 
 class Eagle3Drafter(TargetCopies, nn.Module):
@@ -118,11 +152,14 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         self.kind = MODE
         self.tap_ids = config.target_layer_ids
         self.max_draft = config.ttt_length
-        self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
+        if not config.shared_embedding:
+            self.embed_tokens = nn.Embedding(config.vocab_size, s.hidden_size)
         self.fc = nn.Linear(len(config.target_layer_ids) * s.hidden_size, s.hidden_size, bias=False)
-        self.layers = [Eagle3Layer(s, config.intermediate_size, gemma=config.gemma)]
+        layer = Eagle3Layer(s, config.intermediate_size, config.gemma, config.norm_before_residual)
+        self.layers = [layer]
         self.norm = nn.RMSNorm(s.hidden_size, eps=s.rms_norm_eps)
-        self.lm_head = nn.Linear(s.hidden_size, config.vocab_size, bias=False)
+        rows = config.draft_vocab_size or config.vocab_size
+        self.lm_head = nn.Linear(s.hidden_size, rows, bias=False)
         object.__setattr__(self, "_shared", {})
         if config.gemma:
             self._embed_scale = gemma_embed_scale(s.hidden_size)
@@ -142,7 +179,13 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         return self.layers[0](self._embed(token)[None], h, cache)
 
     def logits(self, h: mx.array) -> mx.array:
-        return self._head(self.norm(h[0]))
+        """Logits on the target's ids of an output hidden state (already normed with
+        `norm_output`)."""
+        return self._to_target(self._head(h[0] if self.config.norm_output else self.norm(h[0])))
+
+    def out(self, h: mx.array) -> mx.array:
+        """A layer output as the chain carries it: normed with `norm_output` (EAGLE 3.1)."""
+        return self.norm(h) if self.config.norm_output else h
 
     def propose(
         self,
@@ -153,12 +196,12 @@ class Eagle3Drafter(TargetCopies, nn.Module):
         params: SamplingParams,
     ) -> Proposal:
         cache = state[0]
-        h = self.extend(cache, context, next_tokens.astype(mx.int32))
+        h = self.out(self.extend(cache, context, next_tokens.astype(mx.int32)))
         committed = cache.offset
         tokens, qs = [], []
         for k in range(n):
             if k:
-                h = self.step(cache, tokens[-1], h)
+                h = self.out(self.step(cache, tokens[-1], h))
             token, q = pick(self.logits(h), params)
             tokens.append(token)
             qs.append(q)

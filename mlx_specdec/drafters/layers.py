@@ -34,6 +34,10 @@ class AttentionShape:
     k_eq_v: bool = False  # no v_proj: values are the k_proj output (before k_norm and RoPE)
     v_norm: bool = False  # values go through a weightless RMSNorm
     scale: float | None = None  # None: head_dim ** -0.5
+    # Other checkpoint formats' options (defaults are DeepSpec's):
+    qk_norm: bool = True  # False: Llama-style heads with no q/k RMSNorm (SpecForge EAGLE3)
+    rope_scaling: dict | None = None  # a non-default RoPE (yarn, llama3, ...), mlx-lm's
+    max_position_embeddings: int | None = None
 
 
 def split_heads(x: mx.array, n: int, d: int) -> mx.array:
@@ -73,8 +77,9 @@ class InjectedAttention(nn.Module):
                 s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias
             )
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=s.attention_bias)
-        self.q_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
+        if s.qk_norm:
+            self.q_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(s.head_dim, eps=s.rms_norm_eps)
         if s.v_norm:
             self.v_norm = RMSNormNoScale(s.head_dim, eps=s.rms_norm_eps)
         self.rope = make_rope(s)
@@ -83,13 +88,13 @@ class InjectedAttention(nn.Module):
     def queries(self, x: mx.array, offset: int | mx.array) -> mx.array:
         """x [N, L, H] -> normed queries [N, heads, L, d] RoPE'd at positions offset + 0..L-1
         (`offset`: one int, or an array [N] of one per row of the batch)."""
-        q = self.q_norm(split_heads(self.q_proj(x), self.n_heads, self.head_dim))
-        return self.rope(q, offset=offset)
+        q = split_heads(self.q_proj(x), self.n_heads, self.head_dim)
+        return self.rope(self.q_norm(q) if "q_norm" in self else q, offset=offset)
 
     def keys_values(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array]:
         """x [N, L, H] -> keys and values [N, kv_heads, L, d], keys at positions as `queries`."""
         raw_k = split_heads(self.k_proj(x), self.n_kv, self.head_dim)
-        k = self.rope(self.k_norm(raw_k), offset=offset)
+        k = self.rope(self.k_norm(raw_k) if "k_norm" in self else raw_k, offset=offset)
         v = split_heads(self.v_proj(x), self.n_kv, self.head_dim) if "v_proj" in self else raw_k
         if "v_norm" in self:
             v = self.v_norm(v)
@@ -172,6 +177,22 @@ def rope_parameters(config: dict) -> dict:
     return params.get("full_attention", params)
 
 
+def rope_scaling(config: dict, where: str) -> dict | None:
+    """A non-default RoPE scaling (yarn, llama3, linear, ...) as mlx-lm's `initialize_rope`
+    takes it, or None; a type mlx-lm does not know is refused, naming the field."""
+    scaling = dict(rope_parameters(config))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    try:
+        initialize_rope(16, 10000.0, False, scaling, config.get("max_position_embeddings"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecDecError(
+            f"{where}: RoPE scaling rope_type '{kind}' is not supported ({e})"
+        ) from None
+    return scaling
+
+
 def rope_theta(config: dict) -> float:
     """RoPE base from either the transformers-5 `rope_parameters` or the older spelling."""
     theta = rope_parameters(config).get("rope_theta") or config.get("rope_theta") or 10000.0
@@ -183,6 +204,10 @@ def make_rope(s: AttentionShape) -> nn.Module:
     periods theta^(2k/d) for the first `factor * d / 2` pairs and infinite periods for the rest,
     pairing dims (k, k + d/2). A partial-rotary RoPE over `factor * d` dims would pair
     (k, k + factor * d / 2) instead, which is wrong for these checkpoints."""
+    if s.rope_scaling:
+        return initialize_rope(
+            s.head_dim, s.rope_theta, False, s.rope_scaling, s.max_position_embeddings
+        )
     if s.rope_type == "proportional":
         return initialize_rope(
             s.head_dim,
@@ -275,14 +300,18 @@ def pick(logits: mx.array, params: SamplingParams) -> tuple[mx.array, mx.array |
 
 
 class TargetCopies:
-    """Mixin for drafters whose checkpoints carry their own copies of the target's embedding
+    """Mixin for drafters whose checkpoints may carry their own copies of the target's embedding
     (`embed_tokens`) and LM head (`lm_head`): `share_target_tensors` swaps identical copies for
-    the target's modules. Subclasses set `object.__setattr__(self, "_shared", {})` in __init__
-    (a plain attribute, so the target's weights never count as, or get loaded into, ours).
-    Gemma drafters also set `_embed_scale` (`gemma_embed_scale`) and `_logit_softcap`."""
+    the target's modules, and binds the target's where the checkpoint has none (formats that
+    borrow them, e.g. vLLM speculators). Subclasses set `object.__setattr__(self, "_shared", {})`
+    in __init__ (a plain attribute, so the target's weights never count as, or get loaded into,
+    ours). Gemma drafters also set `_embed_scale` (`gemma_embed_scale`) and `_logit_softcap`.
+    A reduced-vocabulary head (`map_draft_vocab`) has `lm_head` rows for its draft tokens only;
+    `_to_target` puts its logits back on the target's ids."""
 
     _embed_scale: float | None = None
     _logit_softcap: float | None = None
+    _draft_ids: mx.array | None = None
 
     def _embed(self, ids: mx.array) -> mx.array:
         x = self._shared.get("embed_tokens", self.get("embed_tokens"))(ids)
@@ -293,18 +322,37 @@ class TargetCopies:
         cap = self._logit_softcap
         return mx.tanh(out / cap) * cap if cap else out
 
+    def _to_target(self, logits: mx.array) -> mx.array:
+        return expand_vocab(logits, self._draft_ids, self.config.vocab_size)
+
+    def map_draft_vocab(self, ids: mx.array) -> None:
+        """Target id of each `lm_head` row (a reduced draft vocabulary)."""
+        rows = self.lm_head.weight.shape[0] if "lm_head" in self else None
+        if rows != ids.shape[0]:
+            raise SpecDecError(
+                f"the draft vocabulary map has {ids.shape[0]} entries but the drafter's lm_head "
+                f"has {rows} rows"
+            )
+        object.__setattr__(self, "_draft_ids", ids.astype(mx.int32))
+
     def share_target_tensors(self, target: Any) -> list[str]:
         """Runs before quantization (it compares full-precision copies); the target's modules
         live outside our module tree, so quantizing us never touches them."""
         shared = []
         own = self.get("embed_tokens")
-        if isinstance(own, nn.Embedding) and same_weights(own.weight, target.embed_tokens):
-            self.pop("embed_tokens")
+        if own is None or (
+            isinstance(own, nn.Embedding) and same_weights(own.weight, target.embed_tokens)
+        ):
+            if own is not None:
+                self.pop("embed_tokens")
             self._shared["embed_tokens"] = target.embed_tokens
             shared.append("embed_tokens")
         own = self.get("lm_head")
-        if isinstance(own, nn.Linear) and same_weights(own.weight, target.head_module):
-            self.pop("lm_head")
+        if own is None or (
+            isinstance(own, nn.Linear) and same_weights(own.weight, target.head_module)
+        ):
+            if own is not None:
+                self.pop("lm_head")
             self._shared["lm_head"] = target.project  # no soft-cap: `_head` applies ours
             shared.append("lm_head")
         return shared
@@ -350,3 +398,15 @@ def anchor_block(next_tokens: mx.array, block_size: int, mask_token_id: int) -> 
     """The parallel drafters' input: the anchor (newest committed token), then mask tokens."""
     anchor = next_tokens[-1:].astype(mx.int32)
     return mx.concatenate([anchor, mx.full((block_size - 1,), mask_token_id, mx.int32)])
+
+
+def expand_vocab(logits: mx.array, ids: mx.array | None, vocab_size: int) -> mx.array:
+    """Rows of logits over a reduced draft vocabulary -> rows over the target's, the other
+    tokens at -inf: argmax and every sampling filter then act on target ids, and the draft
+    distribution is q itself, zero outside the draft vocabulary (exact speculative sampling
+    needs q on the target's ids). `ids` [V_draft] are the target ids (None: no reduction)."""
+    if ids is None:
+        return logits
+    full = mx.full((*logits.shape[:-1], vocab_size), -mx.inf, logits.dtype)
+    full[..., ids] = logits
+    return full
