@@ -305,14 +305,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .registry import REGISTRY
+    from .registry import MODES, REGISTRY
 
-    rows = [("id", "target", "dspark", "dflash", "eagle3")]
-    rows += [(e.id, e.target, e.dspark or "-", e.dflash or "-", e.eagle3 or "-") for e in REGISTRY]
+    def cell(entry, mode: str) -> str:
+        d = getattr(entry, mode)
+        return f"{d.repo} ({d.format})" if d else "-"
+
+    rows = [("id", "target", *MODES, "runnable")]
+    rows += [(e.id, e.target, *(cell(e, m) for m in MODES), e.runnable()) for e in REGISTRY]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print("\nAny quantization of a target (-4bit, -8bit, -bf16, ...) resolves the same drafters.")
+    print("(format): the drafter's checkpoint format; runnable: whether this install can run it.")
     return 0
 
 

@@ -8,53 +8,133 @@ do not silently get a drafter trained for another model.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
 
 MODES = ("dspark", "dflash", "eagle3")
+# Drafter checkpoint formats `loading` reads (drafters/formats), and known ones it does not.
+LOADABLE = ("deepspec", "z-lab", "z-lab dflash2", "speculators", "specforge", "gguf")
+NOT_LOADABLE = {
+    "modelopt-nvfp4": "an NVFP4-quantized drafter (modelopt) is not supported",
+    "liquidai-lfm2": "LiquidAI's DSpark packaging (interleaved RoPE) is not supported",
+}
+# Targets whose layers keep a recurrent state: they run once the hybrid-target rollback
+# (`mlx_specdec.recurrent`) is installed.
+HYBRID = ("qwen3_5", "qwen3_5_moe", "nemotron_h", "lfm2")
+
+
+@dataclass(frozen=True)
+class Drafter:
+    repo: str
+    format: str  # one of LOADABLE or NOT_LOADABLE
 
 
 @dataclass(frozen=True)
 class Entry:
     id: str
     target: str
-    dspark: str | None = None
-    dflash: str | None = None
-    eagle3: str | None = None
+    model_type: str  # the target's mlx-lm model type
+    dspark: Drafter | None = None
+    dflash: Drafter | None = None
+    eagle3: Drafter | None = None
 
     def drafter(self, mode: str) -> str | None:
-        return getattr(self, mode)
+        """The repo of this mode's drafter, if this install can load it."""
+        d = getattr(self, mode)
+        return d.repo if d is not None and d.format in LOADABLE else None
+
+    def runnable(self) -> str:
+        """'yes', or 'no: why' (for `mlx-specdec models`)."""
+        if importlib.util.find_spec(f"mlx_lm.models.{self.model_type}") is None:
+            return f"no: this mlx-lm has no {self.model_type} models"
+        if self.model_type in HYBRID and importlib.util.find_spec("mlx_specdec.recurrent") is None:
+            return "no: needs hybrid-target support"
+        drafters = [getattr(self, m) for m in MODES if getattr(self, m) is not None]
+        if not any(d.format in LOADABLE for d in drafters):
+            return "no: " + "; ".join(NOT_LOADABLE[d.format] for d in drafters)
+        return "yes"
 
 
+def _deepspec(name: str) -> Drafter:
+    return Drafter(f"deepseek-ai/{name}", "deepspec")
+
+
+# One row per target. Where several drafters of a family are published, the one with the best
+# published acceptance (mlx-dspark's measurements for Qwen3.8-27B: speculators DSpark 5.55 vs
+# DFlash 2 5.42 at 8 bits; the auto mode prefers DSpark anyway).
 REGISTRY: tuple[Entry, ...] = (
     Entry(
         "qwen3-4b",
         "mlx-community/Qwen3-4B-8bit",
-        dspark="deepseek-ai/dspark_qwen3_4b_block7",
-        dflash="z-lab/Qwen3-4B-DFlash-b16",
-        eagle3="deepseek-ai/eagle3_qwen3_4b_ttt7",
+        "qwen3",
+        dspark=_deepspec("dspark_qwen3_4b_block7"),
+        dflash=Drafter("z-lab/Qwen3-4B-DFlash-b16", "z-lab"),
+        eagle3=_deepspec("eagle3_qwen3_4b_ttt7"),
     ),
     Entry(
         "qwen3-8b",
         "mlx-community/Qwen3-8B-8bit",
-        dspark="deepseek-ai/dspark_qwen3_8b_block7",
-        dflash="z-lab/Qwen3-8B-DFlash-b16",
-        eagle3="deepseek-ai/eagle3_qwen3_8b_ttt7",
+        "qwen3",
+        dspark=_deepspec("dspark_qwen3_8b_block7"),
+        dflash=Drafter("z-lab/Qwen3-8B-DFlash-b16", "z-lab"),
+        eagle3=_deepspec("eagle3_qwen3_8b_ttt7"),
     ),
     Entry(
         "qwen3-14b",
         "mlx-community/Qwen3-14B-8bit",
-        dspark="deepseek-ai/dspark_qwen3_14b_block7",
-        dflash="deepseek-ai/dflash_qwen3_14b_block7",
-        eagle3="deepseek-ai/eagle3_qwen3_14b_ttt7",
+        "qwen3",
+        dspark=_deepspec("dspark_qwen3_14b_block7"),
+        dflash=_deepspec("dflash_qwen3_14b_block7"),
+        eagle3=_deepspec("eagle3_qwen3_14b_ttt7"),
     ),
     Entry(
         "gemma-4-12b-it",
         "mlx-community/gemma-4-12B-it-8bit",
-        dspark="deepseek-ai/dspark_gemma4_12b_block7",
-        dflash="z-lab/gemma4-12B-it-DFlash",
-        eagle3="deepseek-ai/eagle3_gemma4_12b_ttt7",
+        "gemma4",
+        dspark=_deepspec("dspark_gemma4_12b_block7"),
+        dflash=Drafter("z-lab/gemma4-12B-it-DFlash", "z-lab"),
+        eagle3=_deepspec("eagle3_gemma4_12b_ttt7"),
+    ),
+    Entry(
+        "qwen3.6-27b",
+        "mlx-community/Qwen3.6-27B-8bit",
+        "qwen3_5",
+        dspark=Drafter("satgeze/Qwen3.6-27B-DSpark", "deepspec"),  # block 15
+    ),
+    Entry(
+        "qwen3.6-35b-a3b",
+        "mlx-community/Qwen3.6-35B-A3B-4bit",
+        "qwen3_5_moe",
+        dspark=Drafter("Koopah/Qwen3.6-35B-A3B-NVFP4-DSPARK", "modelopt-nvfp4"),
+    ),
+    Entry(
+        "qwen3.8-27b",
+        "mlx-community/Qwen3.8-27B-4bit",
+        "qwen3_5",
+        dspark=Drafter("RedHatAI/Qwen3.8-27B-speculator.dspark", "speculators"),
+        dflash=Drafter("incoai/Qwen3.8-27B-DFlash2", "z-lab dflash2"),
+    ),
+    Entry(
+        "nvidia-nemotron-3.5-lightning-30b-a3b",
+        "mlx-community/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-4bit",
+        "nemotron_h",
+        dspark=Drafter(
+            "mlx-community/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-DSpark-bf16", "deepspec"
+        ),
+    ),
+    Entry(
+        "lfm2.5-1.2b-instruct",
+        "LiquidAI/LFM2.5-1.2B-Instruct-MLX-bf16",
+        "lfm2",
+        dspark=Drafter("LiquidAI/LFM2.5-1.2B-Instruct-DSpark", "liquidai-lfm2"),
+    ),
+    Entry(
+        "lfm2.5-2.6b",
+        "LiquidAI/LFM2.5-2.6B-MLX-bf16",
+        "lfm2",
+        dspark=Drafter("LiquidAI/LFM2.5-2.6B-DSpark", "liquidai-lfm2"),
     ),
 )
 
