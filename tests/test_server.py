@@ -333,7 +333,19 @@ def test_disconnect_stops_generation_and_full_queue_503(server, client):
     assert "specdec_accept_length_bucket" in text and "specdec_decode_tokens_per_second" in text
 
 
+FUZZ_CHECKS = [
+    "not_a_server_error",  # no 5xx, whatever the body
+    "negative_data_rejection",  # what the schema forbids is refused (strict types, bounds)
+    "ignored_auth",  # the key is enforced where the schema says it is needed
+    "unsupported_method",  # other methods get 405
+    "missing_required_header",
+]
+
+
 def test_schemathesis_finds_no_server_error():
+    """Every route, fuzzed from the OpenAPI schema: valid and invalid bodies, boundary values
+    (the coverage phase) and the stateful phase (it finds no links between these routes, so it
+    says not applicable; test_server_hardening.py has a stateful fuzz of its own)."""
     proc, base = _start("--max-tokens", "4", "--max-tokens-limit", "4", "--api-key", KEY)
     try:
         run = subprocess.run(
@@ -342,11 +354,11 @@ def test_schemathesis_finds_no_server_error():
                 "run",
                 f"{base}/openapi.json",
                 "--checks",
-                "not_a_server_error",
+                ",".join(FUZZ_CHECKS),
                 "--phases",
-                "fuzzing",
+                "coverage,fuzzing,stateful",
                 "--max-examples",
-                "25",
+                "150",
                 "--workers",
                 "1",
                 "--seed",
@@ -363,6 +375,7 @@ def test_schemathesis_finds_no_server_error():
             env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"},
         )
         assert run.returncode == 0, run.stdout[-3000:]
+        assert "5 selected / 5 total" in run.stdout  # every route
         assert httpx.get(f"{base}/health").json()["status"] == "ok"
     finally:
         _stop(proc)

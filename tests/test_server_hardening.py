@@ -455,3 +455,109 @@ def test_a_second_sigterm_exits_at_once():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------ stateful fuzzing
+def test_stateful_fuzz_never_5xx_and_counts_every_request(served):
+    """Random sequences of requests (valid, odd, garbage, streams the client leaves) on one
+    server: never a 5xx, /health stays ok, and every generation request is counted once."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+
+    base, engine = served
+    pieces = st.characters() | st.sampled_from(["<|im_end|>", "<|im_start|>", "<think>", "\ud800"])
+    text = st.lists(pieces, max_size=12).map("".join)
+    numbers = st.integers(-3, 2**64) | st.floats(allow_nan=False) | st.booleans() | st.none()
+    sampling = st.fixed_dictionaries(
+        {},
+        optional={
+            "max_tokens": st.integers(1, 4) | numbers,
+            "temperature": st.floats(0, 2) | numbers,
+            "top_k": st.integers(0, 10**6) | numbers,
+            "seed": numbers,
+            "stop": text | st.lists(text, max_size=3),
+            "stream": st.booleans(),
+        },
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]), "content": text}
+    )
+    chats = st.tuples(st.lists(message, min_size=1, max_size=3), sampling).map(
+        lambda t: {"messages": t[0], **t[1]}
+    )
+    prompt = text.filter(bool) | st.lists(st.integers(-1, 600), min_size=1, max_size=8)
+    completions = st.tuples(prompt, sampling).map(lambda t: {"prompt": t[0], **t[1]})
+    garbage = st.recursive(
+        st.none() | st.booleans() | numbers | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=8,
+    )
+
+    def counted() -> float:
+        found = re.findall(
+            r"^specdec_requests_total\{.*\} (\S+)$",
+            httpx.get(f"{base}/metrics", headers=AUTH).text,
+            re.M,
+        )
+        return sum(float(v) for v in found)
+
+    class Fuzz(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.client = httpx.Client(base_url=base, headers=AUTH, timeout=30)
+            self.expected = counted()
+
+        def post(self, route: str, body) -> httpx.Response:
+            self.expected += 1
+            r = self.client.post(route, content=json.dumps(body))
+            assert r.status_code < 500, r.text
+            return r
+
+        @rule(body=chats)
+        def chat(self, body) -> None:
+            self.post("/v1/chat/completions", body)
+
+        @rule(body=completions)
+        def complete(self, body) -> None:
+            self.post("/v1/completions", body)
+
+        @rule(body=garbage, route=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+        def junk(self, body, route) -> None:
+            self.post(route, body)
+
+        @rule(body=completions)
+        def stream_and_leave(self, body) -> None:
+            self.expected += 1
+            body = {**body, "stream": True}
+            with self.client.stream("POST", "/v1/completions", content=json.dumps(body)) as r:
+                assert r.status_code < 500
+                next(r.iter_lines(), None)  # then the client goes
+
+        @rule(path=st.sampled_from(["/health", "/v1/models", "/metrics", "/nowhere"]))
+        def look(self, path) -> None:
+            assert self.client.get(path).status_code in (200, 404)
+
+        @invariant()
+        def every_request_is_counted_once(self) -> None:
+            _wait_for(lambda: counted() == self.expected, timeout=5)
+            assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+        def teardown(self) -> None:
+            self.client.close()
+
+    run_state_machine_as_test(
+        Fuzz,
+        settings=settings(
+            max_examples=8,
+            stateful_step_count=10,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )

@@ -132,7 +132,30 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     for family in (chat, completions):
         app.include_router(family.router(server))
     _add_service_routes(app, server)
+    if settings.api_key:
+        _declare_key(app)
     return app
+
+
+def _declare_key(app: FastAPI) -> None:
+    """Say in the OpenAPI schema that every route but /health takes the key, so that clients
+    (and schema-driven fuzzers, which then check it is enforced) know."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain()  # (built once, then cached by FastAPI; the changes below are idempotent)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "header": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        }
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["security"] = (
+                    [] if path == "/health" else [{"bearer": []}, {"header": []}]
+                )
+        return schema
+
+    app.openapi = openapi
 
 
 def _add_service_routes(app: FastAPI, server: Server) -> None:
