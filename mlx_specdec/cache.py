@@ -1,9 +1,11 @@
 """Caches the loop can roll back exactly, and prefix snapshots of them.
 
-Every cache the loop keeps (the target's layers, the drafter's context layers) is a KV cache
-whose rows are token positions: rolling back is moving the offset, and a prefix of a run is the
-first n rows of every layer. `PaddedKVCache` is the same cache with shapes that repeat, for
-backends that compile one attention graph per key length.
+Most caches the loop keeps (the target's attention layers, the drafter's context layers) are KV
+caches whose rows are token positions: rolling back is moving the offset, and a prefix of a run
+is the first n rows of every layer. `PaddedKVCache` is the same cache with shapes that repeat,
+for backends that compile one attention graph per key length. A hybrid target's recurrent
+layers (`recurrent.RecurrentCache`) hold a state valid at one position only, so a snapshot of
+them is taken, and restored, at exactly its length.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .errors import SpecDecError
+from .recurrent import RecurrentCache
 
 
 def padded_by_default() -> bool:
@@ -77,12 +80,15 @@ class PaddedKVCache(KVCache):
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     """The first `len(tokens)` positions of a run's caches: target layers, then drafter layers.
-    Immutable: a request fills its own fresh caches with slices of it."""
+    Immutable: a request fills its own fresh caches with slices of it. With `recurrent` layers
+    it is not `cuttable`: it serves its whole length only."""
 
     owner: str  # fingerprint of the target/drafter pair these caches belong to
     tokens: np.ndarray  # int64 [n]
-    layers: tuple[tuple[mx.array, mx.array], ...]  # keys, values [B, heads, n, dim] per cache
+    # Per cache: keys, values [B, heads, n, dim]; a recurrent layer: its conv window (and state).
+    layers: tuple[tuple[mx.array, ...], ...]
     n_target: int  # how many of `layers` are the target's
+    recurrent: frozenset[int] = frozenset()  # which of `layers` are recurrent states
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -90,33 +96,67 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(a.nbytes for layer in self.layers for a in layer)
+
+    @property
+    def cuttable(self) -> bool:
+        """Can it serve a shorter prefix than its own (no recurrent layers)?"""
+        return not self.recurrent
 
 
 def cacheable(caches: Sequence[Any]) -> bool:
-    """Only plain KV caches can be cut to an arbitrary prefix (not quantized or rotating ones)."""
-    return all(type(c) in (KVCache, PaddedKVCache) for c in caches)
+    """Can these caches be snapshotted: plain KV caches (not quantized or rotating ones), and
+    recurrent layers (at exact positions only)."""
+    return all(type(c) in (KVCache, PaddedKVCache, RecurrentCache) for c in caches)
+
+
+def snapshot_length(tokens: Sequence[int], caches: Sequence[Any]) -> int:
+    """The longest prefix of `tokens` every cache can give a snapshot of (0: none): a KV cache
+    any up to its offset, a recurrent layer only where it holds or keeps a state."""
+    held = min([len(tokens)] + [c.offset for c in caches if not isinstance(c, RecurrentCache)])
+    exact = [c.positions() for c in caches if isinstance(c, RecurrentCache)]
+    if not exact:
+        return held
+    return max((n for n in set.intersection(*exact) if n <= held), default=0)
 
 
 def take_snapshot(
-    owner: str, tokens: Sequence[int], target_cache: Sequence[KVCache], drafter_state: Sequence[Any]
+    owner: str, tokens: Sequence[int], target_cache: Sequence[Any], drafter_state: Sequence[Any]
 ) -> Snapshot:
-    """Copy the first `len(tokens)` positions of every cache (every one must hold that many)."""
+    """Copy the first `len(tokens)` positions of every cache (every one must hold that many; a
+    recurrent layer must hold its state at exactly that position, `RecurrentCache.state_at`)."""
     n = len(tokens)
-    layers = []
-    for c in (*target_cache, *drafter_state):
+    layers: list[tuple[mx.array, ...]] = []
+    recurrent = []
+    for i, c in enumerate((*target_cache, *drafter_state)):
+        if isinstance(c, RecurrentCache):
+            layers.append(tuple(c.state_at(n)))  # immutable arrays: the cache only replaces them
+            recurrent.append(i)
+            continue
         if c.offset < n:
             raise SpecDecError(f"a cache holds {c.offset} positions, fewer than the {n} tokens")
         layers.append((mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])))
     mx.eval(layers)
-    return Snapshot(owner, np.asarray(tokens, dtype=np.int64), tuple(layers), len(target_cache))
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return Snapshot(owner, tokens, tuple(layers), len(target_cache), frozenset(recurrent))
 
 
-def restore(snapshot: Snapshot, length: int, caches: Sequence[KVCache]) -> None:
+def restore(snapshot: Snapshot, length: int, caches: Sequence[Any]) -> None:
     """Fill empty caches (target layers then drafter layers) with the snapshot's first `length`
-    positions."""
+    positions (all of them if it has recurrent layers)."""
     if len(caches) != len(snapshot.layers):
         raise SpecDecError(f"the snapshot has {len(snapshot.layers)} layers, not {len(caches)}")
-    for c, (k, v) in zip(caches, snapshot.layers):
+    if not snapshot.cuttable and length != len(snapshot.tokens):
+        raise SpecDecError(
+            f"a snapshot of recurrent layers serves its {len(snapshot.tokens)} positions only, "
+            f"not {length}"
+        )
+    for i, (c, arrays) in enumerate(zip(caches, snapshot.layers)):
+        if (i in snapshot.recurrent) != isinstance(c, RecurrentCache):
+            raise SpecDecError("the snapshot's layer types do not match the caches")
+        if isinstance(c, RecurrentCache):
+            c.fill(arrays, length)
+            continue
+        k, v = arrays
         # Slices are new array objects: the cache's in-place writes never reach the snapshot.
         c.keys, c.values, c.offset = k[..., :length, :], v[..., :length, :], length

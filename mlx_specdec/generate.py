@@ -12,11 +12,12 @@ from typing import Any
 import mlx.core as mx
 
 from .autocap import resolve_max_draft
-from .cache import cacheable, restore, take_snapshot
+from .cache import cacheable, restore, snapshot_length, take_snapshot
 from .drafters.base import Drafter
 from .errors import SpecDecError
 from .prefix_cache import PrefixCache, fingerprint
 from .prompts import render_chat
+from .recurrent import RecurrentCache
 from .sampling import SamplingParams
 from .speculate import Round, speculate
 from .target import Target
@@ -223,7 +224,11 @@ def _reusing_prefix(
 ) -> Steps:
     """`run` from the longest cached prefix of `ids`; when it ends normally, keep the positions
     both its caches hold. A run that fails drops the entry it started from; one that is closed
-    early (cancelled) keeps nothing, as its caches may hold uncommitted rows."""
+    early (cancelled) keeps nothing more, as its caches may hold uncommitted rows.
+
+    A hybrid target's recurrent layers hold a state at exact positions only, so its entries are
+    restored whole, and a run keeps two: the prompt but its last token (taken once the first
+    token is out; what a retry or the next turn of a chat starts with) and the end of the run."""
     # Plain decoding is mlx-lm's own step: one-row attention, which padding would only slow.
     target_cache = target.make_cache(padded=False if drafter is None else None)
     drafter_state = drafter.new_state(target.padded_attention) if drafter is not None else []
@@ -231,6 +236,9 @@ def _reusing_prefix(
         info["prefix_cache"] = "unsupported"
         yield from run(target_cache, drafter_state, 0)
         return
+    recurrent = [c for c in target_cache if isinstance(c, RecurrentCache)]
+    for c in recurrent:
+        c.keep(len(ids) - 1)
     owner = fingerprint(target, drafter)
     found = prefix_cache.fetch(owner, ids)
     cached = 0
@@ -242,19 +250,24 @@ def _reusing_prefix(
             prefix_cache.drop(found[0])
             found = None
     info.update(prefix_cache="hit" if found else "miss", cached_tokens=cached)
+
+    def keep(tokens: list[int]) -> None:
+        n = snapshot_length(tokens, [*target_cache, *drafter_state])
+        if n > cached:  # a run that ended at its first token may not have fed the drafter
+            prefix_cache.store(take_snapshot(owner, tokens[:n], target_cache, drafter_state))
+
     tokens = list(ids)
     try:
         for new, rnd in run(target_cache, drafter_state or None, cached):
             tokens += new
             yield new, rnd
+            if recurrent and rnd is None:
+                keep(ids)
     except Exception:
         if found is not None:
             prefix_cache.drop(found[0])
         raise
-    # A run that ended at its first token never fed the drafter: nothing both caches hold.
-    held = min(len(tokens), *(c.offset for c in (*target_cache, *drafter_state)))
-    if held > 0:
-        prefix_cache.store(take_snapshot(owner, tokens[:held], target_cache, drafter_state))
+    keep(tokens)
 
 
 def speculative_generate(

@@ -87,6 +87,15 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def _usable(entry: Snapshot, want: np.ndarray) -> int:
+    """How many of `want`'s leading tokens `entry` can serve: a cut-able entry any common
+    prefix, one with recurrent layers its whole length or nothing (and it must leave a token)."""
+    n = _common_prefix(entry.tokens, want)
+    if entry.cuttable:
+        return n
+    return n if n == len(entry.tokens) < len(want) else 0
+
+
 class PrefixCache:
     """An LRU of `Snapshot`s in RAM (at most `max_ram_mb`), optionally spilling to `spill_dir`
     (at most `max_disk_mb`). Thread-safe; one instance can serve several pairs."""
@@ -127,7 +136,7 @@ class PrefixCache:
         with self._lock:
             best, best_len, on_disk = None, 0, False
             for key, entry in self._ram.items():
-                if key[0] == owner and (n := _common_prefix(entry.tokens, want)) > best_len:
+                if key[0] == owner and (n := _usable(entry, want)) > best_len:
                     best, best_len = key, n
             for key, (_, held, _) in self._disk.items():
                 fresh = key[0] == owner and key not in self._ram
@@ -148,13 +157,19 @@ class PrefixCache:
     # ------------------------------------------------------------------------------ update
     def store(self, entry: Snapshot) -> None:
         """Keep `entry` (most recent); entries it extends are dropped, as it serves their
-        prefixes too. Evicts least recently used entries past the RAM bound (to disk if set)."""
+        prefixes too (unless it has recurrent layers, which serve their whole length only).
+        Evicts least recently used entries past the RAM bound (to disk if set; entries with
+        recurrent layers stay in RAM only)."""
         if len(entry.tokens) == 0:
             return
         with self._lock:
             for key, other in list(self._ram.items()):
                 n = len(other.tokens)
-                if key[0] == entry.owner and _common_prefix(other.tokens, entry.tokens) == n:
+                if (
+                    entry.cuttable
+                    and key[0] == entry.owner
+                    and _common_prefix(other.tokens, entry.tokens) == n
+                ):
                     del self._ram[key]  # a prefix of the new entry
             self._ram[entry.key] = entry
             self._ram.move_to_end(entry.key)
@@ -192,7 +207,7 @@ class PrefixCache:
         return self.spill_dir / f"prefix-{digest[:40]}.safetensors"
 
     def _spill(self, entry: Snapshot) -> None:
-        if self.spill_dir is None or entry.key in self._disk:
+        if self.spill_dir is None or entry.key in self._disk or not entry.cuttable:
             return
         path = self._path(entry)
         arrays = {}

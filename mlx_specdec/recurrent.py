@@ -81,24 +81,59 @@ class _Record:
 class RecurrentCache(ArraysCache):
     """mlx-lm's `ArraysCache` (slot 0 the conv window, slot 1 the recurrent state if any), which
     also counts the positions it holds (`offset`) and keeps, from its last armed forward, what
-    `rollback` needs. mlx-lm's layers use it as their own cache."""
+    `rollback` needs. mlx-lm's layers use it as their own cache.
+
+    Its state is valid at one position, `offset`. For prefix snapshots, `keep(at)` makes it also
+    keep (`kept`) its state at position `at` once a forward ends there (a prompt but its last
+    token), and at the starts of the last two verify forwards it rolled back (the drafter's
+    context ends at one of them after a run: it has not seen the last round's rows, nor the
+    round before when the last was a plain step)."""
 
     def __init__(self, size: int):
         super().__init__(size)
         self.offset = 0
         self.armed = False
         self.record: _Record | None = None
+        self.kept: dict[int, list[Any]] = {}
+        self._keep_at: int | None = None  # None: keep nothing
+        self._starts: list[int] = []  # the last two verify forwards' first positions
+
+    def keep(self, at: int) -> None:
+        self._keep_at = at
 
     def advance(self, n: int) -> None:
-        super().advance(n)
+        super().advance(n)  # the layer has stored its new window and state
         self.offset += n
+        if self.offset == self._keep_at:
+            self.kept[self.offset] = list(self.cache)
+
+    def positions(self) -> set[int]:
+        """Where `state_at` can give this layer's state."""
+        return {self.offset, *self.kept}
+
+    def state_at(self, n: int) -> list[mx.array]:
+        """The arrays (conv window, state) this layer holds after `n` positions."""
+        arrays = self.cache if n == self.offset else self.kept.get(n)
+        if arrays is None:
+            raise SpecDecError(
+                f"a recurrent layer holds its state after {self.offset} positions, not {n}: it "
+                "cannot be cut at another position"
+            )
+        return [a for a in arrays if a is not None]
+
+    def fill(self, arrays: Sequence[mx.array], n: int) -> None:
+        """Hold `arrays` (from `state_at`) as the state after `n` positions."""
+        if len(arrays) != len(self.cache):
+            raise SpecDecError(
+                f"a recurrent layer holds {len(self.cache)} arrays, not {len(arrays)}"
+            )
+        self.cache, self.offset, self.record = list(arrays), n, None
+        self.kept, self._starts = {}, []
 
     def rollback(self, n: int) -> None:
         """Drop the last `n` positions of the last armed forward (0: keep them all); the record
         (its memory) goes either way."""
         rec, self.record = self.record, None
-        if n <= 0:
-            return
         conv_input = None if rec is None else rec.conv_input
         window = 0 if conv_input is None else self[0].shape[1]
         added = 0 if conv_input is None else conv_input.shape[1] - window
@@ -107,7 +142,16 @@ class RecurrentCache(ArraysCache):
                 f"a recurrent layer can roll back only the {added} positions of its last "
                 f"verify forward, not {n}"
             )
+        if added == 0:
+            return
         assert rec is not None and conv_input is not None
+        if self._keep_at is not None:  # the state before that forward, for a snapshot
+            self._starts = [*self._starts[-1:], self.offset - added]
+            wanted = {self._keep_at, *self._starts}
+            self.kept = {p: a for p, a in self.kept.items() if p in wanted}
+            self.kept[self._starts[-1]] = [mx.contiguous(conv_input[:, :window]), *rec.states[:1]]
+        if n <= 0:
+            return
         keep = added - n
         self[0] = mx.contiguous(conv_input[:, keep : keep + window])
         if rec.states:

@@ -120,11 +120,14 @@ def speculate(
         accepted, bonus = run.accepted.item(), run.next_token.item()
         committed = proposed[:accepted] + [bonus]
         finished = False
-        Target.rollback(cache, len(proposed) - accepted)
         for i, t in enumerate(committed):
             if t in eos_ids:  # an accepted stop token ends generation; no bonus after it
                 committed, accepted, finished = committed[: i + 1], min(accepted, i + 1), True
                 break
+        # The cache keeps [anchor, *committed[:-1]]: the newest token is the next anchor. After
+        # a stop token it ends right before it, so a run always ends holding all but its last
+        # token (a recurrent state cannot be cut later, for a prefix snapshot).
+        Target.rollback(cache, len(proposed) + 1 - len(committed))
         produced += len(committed)
         finished = finished or produced >= max_new_tokens
         if not finished:
