@@ -50,6 +50,15 @@ RESERVED_TEMPLATE_NAMES = frozenset(
         "return_assistant_tokens_mask",
         "tokenizer_kwargs",
         "sanitize_control_tokens",
+        # the special tokens transformers passes to every template
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+        "additional_special_tokens",
     }
 )
 

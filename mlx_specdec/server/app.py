@@ -8,6 +8,7 @@ the service routes (models, health, metrics). `shutdown.py` runs the app.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -104,7 +105,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        engine.stop()  # (a shutdown drained it already: see shutdown.py)
+        await asyncio.to_thread(engine.stop)  # (a signal drained it already: shutdown.py)
         server.close()
 
     app = FastAPI(

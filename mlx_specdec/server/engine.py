@@ -203,7 +203,9 @@ class Engine:
             job.put(EngineClosed())
         if running is not None:
             if grace > 0:
-                threading.Timer(grace, running.cut).start()
+                timer = threading.Timer(grace, running.cut)
+                timer.daemon = True  # never what keeps the process alive
+                timer.start()
             else:
                 running.cut()
 
