@@ -83,6 +83,8 @@ def resolve_draft_cap(target, drafter, max_draft: int | str | None) -> int | Non
     and machine, or is calibrated once now (saying so on stderr); others pass through."""
     from .autocap import cache_file, resolve_max_draft
 
+    if max_draft == "auto" and drafter is not None and not drafter.tap_ids:
+        return None  # no taps (lookup): no drafter cost to model; it sizes its own rounds
     if drafter is None or max_draft != "auto":
         return resolve_max_draft(target, drafter, max_draft)
     said: list[str] = []
@@ -128,6 +130,7 @@ def load_pair_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         mode=args.mode,
         drafter_bits=args.drafter_bits,
         confidence_threshold=getattr(args, "confidence_threshold", 0.0),
+        lookup=getattr(args, "lookup", False),
         **target_switches(),
     )
     if loaded[2] is not None and (line := blas_line()):
@@ -142,8 +145,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
         default="auto",
-        choices=["auto", "dspark", "dflash", "eagle3", "baseline"],
-        help="auto picks DSpark, else DFlash, else EAGLE3, else plain decoding",
+        choices=["auto", "dspark", "dflash", "eagle3", "lookup", "baseline"],
+        help="auto picks DSpark, else DFlash, else EAGLE3, else plain decoding; lookup needs no "
+        "drafter: it drafts by copying from n-gram matches in the prompt and the output",
+    )
+    p.add_argument(
+        "--lookup",
+        action="store_true",
+        help="with a drafter: rounds whose n-gram match is long use the lookup draft instead",
     )
     p.add_argument(
         "--drafter-bits",

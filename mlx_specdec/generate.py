@@ -184,6 +184,8 @@ def stream_speculative_generate(
     ids = encode_prompt(tokenizer, prompt, chat=chat, enable_thinking=enable_thinking)
     if not ids:
         raise SpecDecError("the prompt is empty")
+    if max_draft == "auto" and drafter is not None and not drafter.tap_ids:
+        max_draft = None  # no taps (lookup): no drafter cost to model; it sizes its own rounds
     if isinstance(max_draft, str):
         max_draft = resolve_max_draft(target, drafter, max_draft, cap_cache=cap_cache)
     eos = set(tokenizer.eos_token_ids)

@@ -16,6 +16,7 @@ from .drafters import dspark, family_of, formats
 from .drafters.base import Drafter
 from .drafters.formats import gguf
 from .drafters.layers import quantize_drafter
+from .drafters.lookup import LookupDrafter
 from .errors import SpecDecError
 from .kernels import weight_sharing_copy
 from .target import Target
@@ -284,13 +285,17 @@ def load_pair(
     mode: str = "auto",
     drafter_bits: int | None = None,
     confidence_threshold: float = 0.0,
+    lookup: bool = False,
     stand_ins: bool | None = None,
     padded_attention: bool | None = None,
 ) -> tuple[Target, Any, Drafter | None, PairConfig]:
     """Load a target and its drafter: `(target, tokenizer, drafter, config)`.
 
     `mode` is `auto` (DSpark if the registry knows one, else DFlash, else EAGLE3, else plain
-    decoding), `dspark`, `dflash`, `eagle3` or `baseline`; `drafter` overrides the registry.
+    decoding), `dspark`, `dflash`, `eagle3`, `lookup` or `baseline`; `drafter` overrides the
+    registry. `lookup` needs no drafter: drafts are copied from n-gram matches in the prompt and
+    the output (`drafters.lookup.LookupDrafter`). `lookup=True` wraps the trained drafter so that
+    rounds with a long match use the lookup draft instead (no drafter known: lookup alone).
     `drafter_bits` defaults to `default_drafter_bits()`. `confidence_threshold` as in
     `load_drafter`; `stand_ins` and `padded_attention` as in `Target` (None: the defaults).
     With no `model`, the embedded demo pair.
@@ -300,11 +305,15 @@ def load_pair(
     if model is None:  # the embedded demo pair, offline
         from .demo import demo_paths
 
-        model, drafter = demo_paths(mode, drafter)
-    valid = ("auto", "baseline", *registry.MODES)
+        model, drafter = demo_paths("baseline" if mode == "lookup" else mode, drafter)
+    valid = ("auto", "baseline", "lookup", *registry.MODES)
     if mode not in valid:
         raise SpecDecError(f"--mode must be one of {', '.join(valid)}, got '{mode}'")
-    resolved_mode, drafter_ref = registry.resolve_mode(model, mode, drafter)
+    _check_lookup(mode, drafter, lookup)
+    lookup = lookup or mode == "lookup"
+    resolved_mode, drafter_ref = registry.resolve_mode(
+        model, "baseline" if mode == "lookup" else mode, drafter
+    )
     if resolved_mode != "baseline" and drafter_ref is None:
         raise SpecDecError(
             f"no {resolved_mode} drafter is known for '{model}'; pass --drafter REPO_OR_PATH, or "
@@ -313,7 +322,10 @@ def load_pair(
     target, tokenizer = load_target(model, stand_ins=stand_ins, padded_attention=padded_attention)
     config = PairConfig(mode=resolved_mode, target=model)
     if drafter_ref is None:
-        return target, tokenizer, None, config
+        if not lookup:
+            return target, tokenizer, None, config
+        config.mode = config.drafter_kind = "lookup"
+        return target, tokenizer, LookupDrafter(target.vocab_size), config
     loaded, drafter_config, shared = load_drafter(
         drafter_ref,
         target,
@@ -326,4 +338,17 @@ def load_pair(
     config.drafter_bits, config.drafter_config = drafter_bits, drafter_config
     config.drafter_format = drafter_config.get("checkpoint_format")
     config.shared_with_target = shared
+    if lookup:
+        loaded = LookupDrafter(target.vocab_size, loaded)
+        config.mode = loaded.kind
     return target, tokenizer, loaded, config
+
+
+def _check_lookup(mode: str, drafter: str | None, lookup: bool) -> None:
+    if mode == "lookup" and drafter is not None:
+        raise SpecDecError(
+            "--mode lookup drafts from the text itself and takes no --drafter; to let a "
+            "drafter's rounds use lookup drafts, give its mode and --lookup"
+        )
+    if mode == "baseline" and lookup:
+        raise SpecDecError("--lookup needs a speculative mode, not baseline")

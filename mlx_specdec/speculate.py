@@ -132,5 +132,6 @@ def speculate(
         finished = finished or produced >= max_new_tokens
         if not finished:
             next_tokens = mx.array(committed, dtype=mx.int32)
-            pending = launch(next_tokens[-1:], run.taps[: accepted + 1], next_tokens)
+            context = None if run.taps is None else run.taps[: accepted + 1]  # no taps: lookup
+            pending = launch(next_tokens[-1:], context, next_tokens)
         yield Step(committed, Round(proposed, accepted, committed), finished)

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompts",
         default="chat,code,math",
-        help='built-in sets (chat, code, math) or a JSONL file of {"prompt": ..., "domain": ...}',
+        help="built-in sets (chat, code, math, edit: copy-heavy code edits) or a JSONL file of "
+        '{"prompt": ..., "domain": ...}',
     )
     p.add_argument("--limit", type=int, help="use at most this many prompts per domain")
     p.add_argument("--trials", type=int, default=3, help="timed runs per prompt (median)")

@@ -28,6 +28,7 @@ from ..autocap import (
 from ..cli import blas_line, target_switches
 from ..demo import KINDS, demo_paths, draft_lm_path
 from ..drafters.base import Drafter
+from ..drafters.lookup import LookupDrafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, baseline_steps, encode_prompt, stream_steps
 from ..loading import load_drafter, load_target
@@ -47,7 +48,9 @@ from .report import (
 )
 
 SPEC_MODES = ("dspark", "dflash", "eagle3")
-ALL_MODES = ("baseline", "draft-model", *SPEC_MODES)
+# Lookup alone, and each drafter with lookup rounds (no cost model: they size their own rounds).
+LOOKUP_MODES = ("lookup", *(f"{m}+lookup" for m in SPEC_MODES))
+ALL_MODES = ("baseline", "draft-model", *SPEC_MODES, *LOOKUP_MODES)
 MLX_LM_DEFAULT_DRAFTS = 3  # mlx_lm.generate --num-draft-tokens default
 
 
@@ -282,7 +285,8 @@ def _resolve_modes(args: argparse.Namespace, drafters: dict[str | None, str]) ->
 def _load_drafters(
     args: argparse.Namespace, modes: list[str], target: Target, drafters: dict[str | None, str]
 ) -> dict[str, Drafter]:
-    spec = [m for m in modes if m in SPEC_MODES]
+    wanted = dict.fromkeys(m.removesuffix("+lookup") for m in modes)  # X+lookup wraps X
+    spec = [m for m in wanted if m in SPEC_MODES]
     if drafters.get(None) and len(spec) > 1:
         raise SpecDecError(
             "several speculative modes: give each its drafter as --drafter MODE=PATH"
@@ -295,7 +299,10 @@ def _load_drafters(
                 f"no {m} drafter is known for '{args.model}'; pass --drafter {m}=PATH"
             )
         loaded[m], _, _ = load_drafter(ref, target, bits=args.drafter_bits, mode=m)
-    return loaded
+    for m in (m for m in modes if m in LOOKUP_MODES):
+        base = m.removesuffix("+lookup")
+        loaded[m] = LookupDrafter(target.vocab_size, loaded.get(base))
+    return {m: d for m, d in loaded.items() if m in modes}
 
 
 def demo_pair_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -337,7 +344,7 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
     ids = [
         encode_prompt(
             tokenizer,
-            p.text,
+            p.prompt(chat=not args.no_chat),
             chat=not args.no_chat,
             enable_thinking=False if args.no_thinking else None,
         )
@@ -361,7 +368,9 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
                         f"--max-draft {c} exceeds the {m} drafter's block ({d.max_draft})"
                     )
             # 'auto' needs the acceptance at the full block first (it gives P(>= k) for all k).
-            if "auto" in caps and d.max_draft not in fixed:
+            if "auto" in caps and m in SPEC_MODES and d.max_draft not in fixed:
+                fixed.append(d.max_draft)
+            if m in LOOKUP_MODES and not fixed:  # auto: the drafter sizes its own rounds
                 fixed.append(d.max_draft)
             rows += [Row(m, int(c), d) for c in fixed]
 
@@ -389,7 +398,7 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
     costs: dict[str, CostModel] = {}
     survival: dict[str, list[float]] = {}
     report_costs: dict[str, Any] = {}
-    for m, d in drafters.items():
+    for m, d in ((m, d) for m, d in drafters.items() if m in SPEC_MODES):
         # P(>= k accepted) from the rounds at the largest cap raced (full-length rounds only).
         cap_seen = max(r.cap for r in rows if r.mode == m and r.cap is not None)
         obs = [a for s in samples if s.row == Row(m, cap_seen).name for a in s.accepted]

@@ -25,8 +25,10 @@ class Drafter(Protocol):
     """A drafter is an `mlx.nn.Module` (the loader loads, quantizes and evaluates its
     `parameters()`; the prefix cache fingerprints them) with these members."""
 
-    kind: str  # "dspark", "dflash" or "eagle3", from the checkpoint (not the class)
-    tap_ids: tuple[int, ...]  # target layers whose outputs feed the drafter
+    # "dspark", "dflash" or "eagle3", from the checkpoint (not the class); "lookup" for the
+    # drafter-free lookup, "<kind>+lookup" for a drafter with lookup rounds (`lookup.py`)
+    kind: str
+    tap_ids: tuple[int, ...]  # target layers whose outputs feed the drafter (may be none)
     max_draft: int  # most drafts one round can propose
     config: Any  # the parsed checkpoint config (part of the prefix-cache fingerprint)
 
@@ -39,9 +41,12 @@ class Drafter(Protocol):
         once, after loading and before quantization."""
 
     def new_state(self, padded: bool = False) -> list[KVCache]:
-        """Fresh per-sequence state: one KV cache per context layer whose rows are committed
-        positions, so the loop can trim it and the prefix cache can snapshot and restore it.
-        `padded` asks for `cache.PaddedKVCache`s (the target's `padded_attention`)."""
+        """Fresh per-sequence state: KV caches whose rows are committed positions (one per
+        context layer; lookup keeps the tokens themselves in one), so the loop can trim it and
+        the prefix cache can snapshot and restore it. `padded` asks for `cache.PaddedKVCache`s
+        (the target's `padded_attention`). The list may be a subclass carrying host-side data
+        (lookup's token index): that data must be rebuilt from the rows whenever they changed
+        under it (restored from a snapshot, trimmed)."""
 
     def propose(
         self,
@@ -55,7 +60,9 @@ class Drafter(Protocol):
         cuts its own block short, e.g. DSpark's confidence threshold).
 
         `context` [k, m*H] are the target taps of the positions committed since the last call
-        (the whole prompt on the first call) and `next_tokens` [k] the token that followed each
-        of those positions, so the last one is the anchor, the newest committed token. On
-        return, `state` holds the context rows only (no draft rows).
+        (the whole prompt on the first call; None for a drafter without taps) and `next_tokens`
+        [k] the token that followed each of those positions, so the last one is the anchor,
+        the newest committed token. On return, `state` holds the context rows only (no draft
+        rows). Host-side work here (lookup's match) may read `next_tokens`, tokens the loop has
+        already synced, and nothing still being computed: a round has one host sync, the loop's.
         """
