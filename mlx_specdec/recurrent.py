@@ -5,18 +5,26 @@ positions it holds the state after all of them, and the loop needs the state aft
 committed ones. So during a verify forward the recognised layers keep what rolling back needs:
 
 - the whole input of their causal depthwise convolution (the window before the round, then the
-  T new rows), so the window after any position is a slice of it;
-- for a recurrence (the delta rule, the SSM), the state after every position. The layer's own
-  mlx-lm update function (`gated_delta_update`, `ssm_update`) is called one position at a time,
-  as plain decoding calls it, chaining the states.
+  T new rows): the window after any position is a slice of it;
+- for the recurrence, one of two things (`_replays`):
+  - **per-position states**: the verify calls the layer's mlx-lm update function
+    (`gated_delta_update`, `ssm_update`) one row at a time, as plain decoding calls it, and
+    keeps the state after each row; rolling back picks one. Used where the update runs row by
+    row anyway (CPU, CUDA: the extra cost is per-row setup), and always for Mamba-2, whose
+    several-row form is a chunked closed form that rounds differently from row-by-row decoding.
+  - **replay** (Gated DeltaNet on Metal): the verify runs the update as mlx-lm does, all rows in
+    one fused kernel that keeps the state on chip; rollback to k < T rows calls it again over
+    those k rows from the state before the round (the inputs are kept). Row by row, the state
+    would go through memory once a row; a replay moves it twice, and only when drafts were
+    rejected.
 
-Rolling back n positions then picks the window and the state at position T - n: no compute and
-no second forward. Each kept state is what mlx-lm's decoding of the committed tokens computes,
-bit for bit on the CPU (`tests/test_hybrid_rollback.py` checks the states themselves).
+Either way the state after rollback is what mlx-lm's plain decoding of the committed tokens
+computes, bit for bit on the CPU (`tests/test_hybrid_rollback.py` checks the states
+themselves), with no second forward of the target. What each costs: docs/design.md.
 
 How it hooks in, without copying any of mlx-lm's layer code: on the Target's weight-sharing copy
 (never on the caller's model) a recognised layer's class is swapped for a subclass whose method
-is mlx-lm's own, with the update function it names rebound to a stepwise wrapper; the conv
+is mlx-lm's own, with the update function it names rebound to a recording wrapper; the conv
 module's class gets a subclass that records its input. Both do anything only while a layer runs
 on an *armed* `RecurrentCache` (`armed(cache)`, which the Target's verify forward holds);
 otherwise, as in prefill and training, mlx-lm's functions run unchanged. The wrapper passes every
@@ -28,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +57,13 @@ class _Kind:
     update: str | None = None  # the module-level name of the update function it calls
     per_position: tuple[str, ...] = ()  # the update's arguments with a time axis (axis 1)
     state: str = "state"  # the update's state argument (cache slot 1)
+    can_replay: bool = True  # may replay the update at rollback (`_replays`)
 
 
 _GATED_DELTA = _Kind("conv1d", "__call__", "gated_delta_update", ("q", "k", "v", "a", "b", "mask"))
-_MAMBA2 = _Kind("conv1d", "_ssm", "ssm_update", ("hidden_states", "B", "C", "dt", "mask"))
+_MAMBA2 = _Kind(
+    "conv1d", "_ssm", "ssm_update", ("hidden_states", "B", "C", "dt", "mask"), can_replay=False
+)
 _SHORT_CONV = _Kind("conv")
 
 # mlx-lm layer classes (module.qualname) whose state rolls back exactly.
@@ -72,10 +83,21 @@ def _name(cls: type) -> str:
 # ------------------------------------------------------------------------------------ the cache
 @dataclass(eq=False)
 class _Record:
-    """What one armed forward of one layer kept: its conv input and its states."""
+    """What one armed forward of one layer kept to roll back: its conv input, and its state
+    before the forward with either the state after every row or how to replay rows."""
 
     conv_input: mx.array | None = None  # [B, window + T, C]
-    states: list[Any] = field(default_factory=list)  # before the forward, then after each row
+    before: Any = None  # the recurrent state before the forward
+    states: list[Any] = field(default_factory=list)  # per-position: after rows 1..T
+    replay: Callable[[int], mx.array] | None = None  # replay: k -> the state after k rows
+
+    def state_after(self, k: int) -> Any:
+        if k == 0:
+            return self.before
+        if self.states:
+            return self.states[k - 1]
+        assert self.replay is not None
+        return self.replay(k)
 
 
 class RecurrentCache(ArraysCache):
@@ -149,13 +171,14 @@ class RecurrentCache(ArraysCache):
             self._starts = [*self._starts[-1:], self.offset - added]
             wanted = {self._keep_at, *self._starts}
             self.kept = {p: a for p, a in self.kept.items() if p in wanted}
-            self.kept[self._starts[-1]] = [mx.contiguous(conv_input[:, :window]), *rec.states[:1]]
+            start = [mx.contiguous(conv_input[:, :window]), rec.before]
+            self.kept[self._starts[-1]] = start[: len(self.cache)]
         if n <= 0:
             return
         keep = added - n
         self[0] = mx.contiguous(conv_input[:, keep : keep + window])
-        if rec.states:
-            self[1] = rec.states[keep]
+        if len(self.cache) > 1:
+            self[1] = rec.state_after(keep)
         self.offset -= n
 
 
@@ -177,9 +200,29 @@ def armed(caches: Sequence[Any]) -> Iterator[None]:
 _ACTIVE: ContextVar[_Record | None] = ContextVar("mlx_specdec_recurrent_record", default=None)
 
 
-def _stepwise(update: Any, kind: _Kind) -> Any:
-    """`update` (mlx-lm's recurrence), run one position at a time while a record is active,
-    keeping the state after each; unchanged otherwise."""
+def _rows(given: dict[str, Any], kind: _Kind, rows: slice) -> dict[str, Any]:
+    """The update's arguments for some rows only (the others as given)."""
+    return {
+        k: v[:, rows] if k in kind.per_position and v is not None else v for k, v in given.items()
+    }
+
+
+REPLAY: bool | None = None  # None: where it pays (`_replays`); tests set it to run both ways
+
+
+def _replays(kind: _Kind) -> bool:
+    """Replay rather than keep per-position states: where mlx-lm's update is one fused kernel
+    (Metal), unless `REPLAY` says otherwise."""
+    if not kind.can_replay:
+        return False
+    if REPLAY is not None:
+        return REPLAY
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+
+def _recording(update: Any, kind: _Kind) -> Any:
+    """`update` (mlx-lm's recurrence) while a record is active: replayable, or one position at
+    a time keeping each state (`_replays`); unchanged otherwise."""
     names = list(inspect.signature(update).parameters)
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -187,19 +230,16 @@ def _stepwise(update: Any, kind: _Kind) -> Any:
         if rec is None:
             return update(*args, **kwargs)
         given = dict(zip(names, args)) | kwargs
-        state = given.pop(kind.state, None)
-        steps = given[kind.per_position[0]].shape[1]
-        ys, states = [], [state]
-        for t in range(steps):
-            at_t = {
-                k: v[:, t : t + 1] if k in kind.per_position and v is not None else v
-                for k, v in given.items()
-            }
-            y, state = update(**at_t, **{kind.state: state})
+        rec.before = given.get(kind.state)
+        if _replays(kind):
+            rec.replay = lambda k: update(**_rows(given, kind, slice(0, k)))[1]
+            return update(**given)
+        ys = []
+        for t in range(given[kind.per_position[0]].shape[1]):
+            y, given[kind.state] = update(**_rows(given, kind, slice(t, t + 1)))
             ys.append(y)
-            states.append(state)
-        rec.states = states
-        return mx.concatenate(ys, axis=1), state
+            rec.states.append(given[kind.state])
+        return mx.concatenate(ys, axis=1), given[kind.state]
 
     return run
 
@@ -237,7 +277,7 @@ def _recording_layer(base: type, kind: _Kind) -> type:
         if kind.method is not None and kind.update is not None:
             method = getattr(base, kind.method)
             update = method.__globals__[kind.update]
-            method = _rebound(method, kind.update, _stepwise(update, kind))
+            method = _rebound(method, kind.update, _recording(update, kind))
             if kind.method == "__call__":
                 inner = method
             else:

@@ -17,7 +17,7 @@ import pytest
 from helpers import greedy_reference, run, write_drafter
 from hybrid_models import HYBRID_TARGETS, Steered, drafter_configs, write_hybrid
 
-from mlx_specdec import load_pair
+from mlx_specdec import load_pair, recurrent
 
 KINDS = ("dspark", "dflash", "eagle3")
 
@@ -58,6 +58,7 @@ def _check(target, drafter, prompt, max_new, caps, eos=(), seed=0):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_mlx_lm_greedy(folders, kind):
+    """Each drafter family (Gated DeltaNet kept per position, as on CPUs and CUDA)."""
     model_type, target_dir, drafters = folders
     target, _, drafter, _ = load_pair(str(target_dir), str(drafters[kind]), drafter_bits=32)
     assert target.model_type == model_type
@@ -65,6 +66,14 @@ def test_matches_mlx_lm_greedy(folders, kind):
     for length in (1, 33):
         partial += _check(target, drafter, _prompt(length, length), 20, (1, drafter.max_draft))
     assert partial > 0  # rounds that kept some drafts and rolled back the rest
+
+
+def test_replayed_rollback_matches_mlx_lm_greedy(folders, monkeypatch):
+    """Gated DeltaNet rolled back by replaying its update (as on Metal), forced here."""
+    if not folders[0].startswith("qwen3_") or folders[0] == "qwen3_moe":
+        pytest.skip("no Gated DeltaNet layer")
+    monkeypatch.setattr(recurrent, "REPLAY", True)
+    test_matches_mlx_lm_greedy(folders, "dspark")
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from hybrid_models import HYBRID_TARGETS, build_hybrid
 from mlx_lm.models import gated_delta, qwen3_5
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_specdec import SpecDecError
-from mlx_specdec.recurrent import KINDS, RecurrentCache, _Record, _stepwise
+from mlx_specdec import SpecDecError, recurrent
+from mlx_specdec.recurrent import KINDS, RecurrentCache, _Record, _recording
 from mlx_specdec.target import Target
 
 
@@ -56,10 +56,12 @@ def hybrid(request):
     return model, Target(model, config, request.param)
 
 
-def test_states_after_rollback_are_plain_decodings(hybrid):
+@pytest.mark.parametrize("replay", [False, True], ids=["per-position", "replay"])
+def test_states_after_rollback_are_plain_decodings(hybrid, replay, monkeypatch):
     """Two verify rounds of 8 positions, each rolled back to every depth (all kept, some, only
     the first, none): the caches equal plain decoding's of the committed tokens, and the
-    offsets agree."""
+    offsets agree; with either way of keeping the recurrence (Mamba-2 always per position)."""
+    monkeypatch.setattr(recurrent, "REPLAY", replay)
     model, target = hybrid
     rng = random.Random(0)
     prompt = [rng.randrange(3, 490) for _ in range(13)]
@@ -118,33 +120,43 @@ def test_the_caller_model_is_untouched(hybrid):
     assert target.recurrent_layers == recognised
 
 
-def test_the_update_wrapper_passes_every_argument_through():
-    """mlx-lm adds keywords to its update functions over releases: the stepwise wrapper passes
-    unknown ones through to every step, and passes calls through untouched when not recording."""
-    calls = []
+def _fake_update(calls: list):
+    """An update with a keyword mlx-lm's do not have; its state sums the rows it saw."""
 
     def update(q, k, state=None, mask=None, *, new_keyword=None):
-        calls.append((q.shape, new_keyword))
+        calls.append((q.shape[1], new_keyword))
         s = (0 if state is None else state) + q.sum()
         return q * 2, s
 
-    kind = KINDS["mlx_lm.models.qwen3_5.GatedDeltaNet"]
-    wrapped = _stepwise(update, kind)
-    q = mx.arange(6, dtype=mx.float32).reshape(1, 3, 2)
-    y, s = wrapped(q, q, None, None, new_keyword="x")  # not recording: one call
-    assert calls == [((1, 3, 2), "x")] and s.item() == 15.0
-    calls.clear()
-    from mlx_specdec import recurrent
+    return update
 
-    rec = _Record()
-    token = recurrent._ACTIVE.set(rec)
+
+def _recorded(wrapped, *args, **kwargs):
+    token = recurrent._ACTIVE.set(rec := _Record())
     try:
-        y2, s2 = wrapped(q, q, mx.array(1.0), new_keyword="y")
+        return wrapped(*args, **kwargs), rec
     finally:
         recurrent._ACTIVE.reset(token)
-    assert calls == [((1, 1, 2), "y")] * 3
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_the_update_wrapper_passes_every_argument_through(replay, monkeypatch):
+    """mlx-lm adds keywords to its update functions over releases: the recording wrapper passes
+    unknown ones through to every call, and calls through untouched when not recording."""
+    calls: list = []
+    monkeypatch.setattr(recurrent, "REPLAY", replay)
+    wrapped = _recording(_fake_update(calls), KINDS["mlx_lm.models.qwen3_5.GatedDeltaNet"])
+    q = mx.arange(6, dtype=mx.float32).reshape(1, 3, 2)
+    y, s = wrapped(q, q, None, None, new_keyword="x")  # not recording: one call
+    assert calls == [(3, "x")] and s.item() == 15.0
+    calls.clear()
+    (y2, s2), rec = _recorded(wrapped, q, q, mx.array(1.0), new_keyword="y")
     assert mx.array_equal(y2, y) and s2.item() == 16.0
-    assert [x.item() for x in rec.states] == [1.0, 2.0, 7.0, 16.0]
+    assert calls == ([(3, "y")] if replay else [(1, "y")] * 3)
+    calls.clear()
+    assert [rec.state_after(k).item() for k in range(4)] == [1.0, 2.0, 7.0, 16.0]
+    assert all(kw == "y" for _, kw in calls)  # replays of 1, 2 and 3 rows (or none)
+    assert [n for n, _ in calls] == ([1, 2, 3] if replay else [])
 
 
 def test_an_unsupported_recurrent_layer_is_refused_by_name():

@@ -2,16 +2,19 @@
 checkpoints' shapes, whose round acceptance follows a given profile, to measure the loop's cost
 at scale without the weights. Acceptance is imposed (greedy verification is steered by
 `ScriptedAcceptance`), not measured; every cost (forwards, drafter, cache, rollback) is real.
+Hybrid shapes (Qwen3.6-27B / -35B-A3B-like: Gated DeltaNet and attention layers, dense or MoE)
+also time what exact rollback of their recurrent layers costs (`recurrent_costs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -26,6 +29,7 @@ from ..sampling import SamplingParams
 from ..speculate import speculate
 from ..target import Target
 from .report import command_line, cost_tables, fmt_table, machine_line, plot, write_json
+from .rollback import recurrent_costs, rollback_table
 from .run import Sample, parse_caps, summarize
 
 # Mean accepted length per round (bonus included, block 7, non-thinking), DSpark paper Table 1,
@@ -60,13 +64,58 @@ class Shape:
     tied: bool
     taps: tuple[int, ...]
     mask_token: int
+    family: str = "qwen3"  # the mlx-lm model type
+    extra: dict[str, Any] = field(default_factory=dict)  # the family's other config keys
 
+
+def _gated_delta(key_heads: int, value_heads: int, dim: int, **moe: Any) -> dict[str, Any]:
+    """Qwen3.5 / 3.6 keys: Gated DeltaNet layers, every 4th layer full attention (gated)."""
+    return dict(
+        linear_num_key_heads=key_heads,
+        linear_num_value_heads=value_heads,
+        linear_key_head_dim=dim,
+        linear_value_head_dim=dim,
+        linear_conv_kernel_dim=4,
+        full_attention_interval=4,
+        rope_parameters={"type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+        **moe,
+    )
+
+
+_QWEN36_MOE = dict(
+    num_experts=256,
+    num_experts_per_tok=8,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+)
 
 SHAPES: dict[str, Shape] = {
     # A small Qwen3 for CPUs (the shape of mlx-lm-notes A7, ~134M parameters).
     "small": Shape(1024, 8, 3072, 16, 8, 64, 32000, True, (1, 2, 4, 5, 6), 31999),
     "qwen3-4b": Shape(2560, 36, 9728, 32, 8, 128, 151936, True, (1, 9, 17, 25, 33), 151669),
     "qwen3-8b": Shape(4096, 36, 12288, 32, 8, 128, 151936, False, (1, 9, 17, 25, 33), 151669),
+    # Hybrids. Qwen3.6-27B: 64 layers, 48 Gated DeltaNet + 16 full attention, hidden 5120.
+    "qwen3.6-27b": replace(
+        Shape(5120, 64, 17408, 24, 4, 256, 248320, False, (1, 16, 31, 46, 61), 248077),
+        family="qwen3_5",
+        extra=_gated_delta(16, 48, 128),
+    ),
+    # Qwen3.6-35B-A3B: 40 layers (30 + 10), 256 experts (8 routed + 1 shared of 512); the
+    # intermediate size is the drafter's MLP (the target's layers are all MoE).
+    "qwen3.6-35b-a3b": replace(
+        Shape(2048, 40, 6144, 16, 2, 256, 248320, False, (1, 10, 19, 28, 37), 248077),
+        family="qwen3_5_moe",
+        extra=_gated_delta(16, 32, 128, **_QWEN36_MOE),
+    ),
+    # A small hybrid for CPUs: the "small" Qwen3's widths, 6 of its 8 layers Gated DeltaNet.
+    "hybrid-small": replace(
+        Shape(1024, 8, 3072, 8, 4, 128, 32000, True, (1, 2, 4, 5, 6), 31999),
+        family="qwen3_5",
+        extra=_gated_delta(8, 16, 64),
+    ),
 }
 DSPARK_BLOCK, DSPARK_LAYERS, DSPARK_RANK = 7, 5, 256  # the released DSpark drafters
 
@@ -74,17 +123,16 @@ DSPARK_BLOCK, DSPARK_LAYERS, DSPARK_RANK = 7, 5, 256  # the released DSpark draf
 def synthetic_pair(
     name: str, target_bits: int, drafter_bits: int, **switches: bool | None
 ) -> tuple[Target, Drafter]:
-    """Random-weight Qwen3 target and DSpark drafter of the released checkpoints' shapes;
-    `switches` are `Target`'s (`stand_ins`, `padded_attention`)."""
-    from mlx_lm.models import qwen3
-
+    """Random-weight target (Qwen3, or a Qwen3.5-style hybrid) and DSpark drafter of the
+    released checkpoints' shapes; `switches` are `Target`'s (`stand_ins`, `padded_attention`)."""
     from ..drafters.dspark import DSparkConfig, DSparkDrafter
     from ..drafters.layers import quantize_drafter
     from ..kernels import weight_sharing_copy
 
     s = SHAPES[name]
+    family = importlib.import_module(f"mlx_lm.models.{s.family}")
     mx.random.seed(0)
-    config = dict(
+    base = dict(
         model_type="qwen3",
         hidden_size=s.hidden,
         num_hidden_layers=s.layers,
@@ -98,7 +146,8 @@ def synthetic_pair(
         max_position_embeddings=40960,
         tie_word_embeddings=s.tied,
     )
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    config = {**base, "model_type": s.family, **s.extra}
+    model = family.Model(family.ModelArgs.from_dict(config))
     # bf16 as released; but MLX's CPU bf16 kernels are ~10x slower than fp32, so a CPU run keeps
     # fp32 activations (and quantization scales) unless 16 bits are asked for.
     on_cpu = mx.default_device() == mx.cpu
@@ -109,8 +158,8 @@ def synthetic_pair(
         config["quantization"] = {"group_size": 64, "bits": target_bits}
     mx.eval(model.parameters())
     target = Target(model, config, name=f"synthetic-{name}", **switches)
-    dcfg = {
-        **config,
+    dcfg = {  # Qwen3 layers of the target's widths, whatever the target's layers are
+        **base,
         "num_hidden_layers": DSPARK_LAYERS,
         "block_size": DSPARK_BLOCK,
         "mask_token_id": s.mask_token,
@@ -238,6 +287,9 @@ def run_synthetic(args: argparse.Namespace) -> int:
     costs = measure_costs(
         target, drafter, context_len, context_rows=round(mean_tau), reps=args.cost_reps
     )
+    rollback = None
+    if target.recurrent_layers:
+        rollback = recurrent_costs(target, context_len, reps=max(args.cost_reps, 5))
 
     plan: list[tuple[str, int]] = []
     for label, p in rates.items():
@@ -335,6 +387,9 @@ def run_synthetic(args: argparse.Namespace) -> int:
     print()
     surv = geometric_survival(statistics.mean(rates.values()), DSPARK_BLOCK)
     print(cost_tables(costs, surv, f"[synthetic {args.synthetic}, mean profile]"))
+    if rollback is not None:
+        print()
+        print(rollback_table(rollback))
     print(machine_line(machine))
     report = {
         "kind": "synthetic-acceptance",
@@ -347,6 +402,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         "baseline": base,
         "results": stats,
         "cost_model": {**costs.to_json(), "auto_caps": auto_caps},
+        "recurrent_rollback": rollback,
     }
     if args.json:
         write_json(args.json, report)
