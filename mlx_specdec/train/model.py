@@ -18,12 +18,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..drafters.dspark import DSparkConfig, DSparkDrafter
-from ..drafters.layers import InjectedDecoderLayer
+from ..drafters.layers import InjectedDecoderLayer, rope_theta
 from ..errors import SpecDecError
 from ..target import Target
 from .options import TrainOptions
 
 LOSS_DECAY = 4.0  # slot k weighs exp(-k / LOSS_DECAY)
+# Target families (mlx-lm model types) whose drafters are Qwen3 layers (DeepSpec's
+# Qwen3DSparkModel): Qwen3 itself, its MoE, and the hybrids, whose taps are residual-stream
+# outputs like any other layer's.
+TRAINABLE = ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe",
+             "nemotron_h")  # fmt: skip
 
 
 def default_taps(num_layers: int) -> list[int]:
@@ -49,13 +54,41 @@ def pick_mask_token(tokenizer: Any, vocab_rows: int) -> int:
     )
 
 
+def qwen3_widths(target: Target) -> dict[str, Any]:
+    """A target's widths as the Qwen3 config its drafter's layers read (for a target that is not
+    Qwen3: LFM2, Nemotron-H and Qwen3.5 spell them otherwise, or in a `text_config`)."""
+    text = target.config.get("text_config", target.config)
+    hidden, heads = target.hidden_size, int(text["num_attention_heads"])
+    ffn = text.get("intermediate_size") or text.get("block_ff_dim") or 3 * hidden  # MoE: none
+    eps = text.get("rms_norm_eps") or text.get("norm_eps") or text.get("layer_norm_epsilon")
+    return dict(
+        model_type="qwen3",
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or hidden // heads),
+        intermediate_size=int(ffn),
+        rms_norm_eps=float(eps or 1e-6),
+        rope_theta=rope_theta(text),
+        max_position_embeddings=int(text.get("max_position_embeddings") or 40960),
+        vocab_size=target.vocab_size,
+        eos_token_id=target.config.get("eos_token_id", text.get("eos_token_id")),
+    )
+
+
 def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[str, Any]:
-    """The target's config plus the DSpark keys, as DeepSpec's trainer writes it."""
-    if target.model_type != "qwen3" or "text_config" in target.config:
+    """The target's config plus the DSpark keys, as DeepSpec's trainer writes it (for a target
+    that is not Qwen3, its widths in Qwen3's keys)."""
+    family = str(target.config.get("model_type", target.model_type))
+    if family not in TRAINABLE:
         raise SpecDecError(
-            f"train-drafter supports Qwen3 targets, not model type '{target.model_type}'"
+            f"train-drafter supports Qwen3, Qwen3-MoE, Qwen3.5/3.6, Qwen3-Next, LFM2 and "
+            f"Nemotron-H targets, not model type '{family}'"
         )
-    config = copy.deepcopy(target.config)
+    if family == "qwen3" and "text_config" not in target.config:
+        config = copy.deepcopy(target.config)
+    else:
+        config = qwen3_widths(target)
     for key in ("quantization", "quantization_config"):
         config.pop(key, None)  # the drafter is written in full precision
     taps = opts.taps or default_taps(target.num_layers)
@@ -86,10 +119,8 @@ def drafter_config(target: Target, tokenizer: Any, opts: TrainOptions) -> dict[s
         if value is not None and value < 1:
             raise SpecDecError(f"{flag} must be >= 1, got {value}")
     if opts.draft_heads:
+        config.setdefault("head_dim", target.hidden_size // int(config["num_attention_heads"]))
         config["num_attention_heads"] = opts.draft_heads
-        config.setdefault(
-            "head_dim", target.hidden_size // int(target.config["num_attention_heads"])
-        )
     if opts.draft_kv_heads or opts.draft_heads:
         config["num_key_value_heads"] = opts.draft_kv_heads or config["num_attention_heads"]
     if opts.draft_intermediate:
