@@ -26,6 +26,10 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
         "mlx_specdec.server.cli",
         "serve an OpenAI-compatible API (chat, completions, tools, metrics)",
     ),
+    "doctor": (
+        "mlx_specdec.doctor",
+        "check that verify rows are bit-identical to plain decoding on this backend and model",
+    ),
     "train-drafter": (
         "mlx_specdec.train.cli",
         "train a DSpark or DFlash drafter for a target (DeepSpec recipe, in MLX)",
@@ -135,7 +139,20 @@ def load_pair_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     )
     if loaded[2] is not None and (line := blas_line()):
         _note(line)
+    if getattr(args, "exact", False):
+        loaded[0].use_exact()
+        _note(loaded[0].exact.describe())
     return loaded
+
+
+def add_exact_argument(p: argparse.ArgumentParser) -> None:
+    """--exact (generate, serve, bench)."""
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="compute every verify row with plain decoding's own kernels, so greedy output is "
+        "bit-identical to mlx-lm's on GPUs too (slower there; `mlx-specdec doctor` checks it)",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,6 +178,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="quantize the drafter (16 = checkpoint dtype, 32 = float32; default: 4 on a GPU, "
         "32 on the CPU backend, where quantized matmuls are slow)",
     )
+    add_exact_argument(p)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -303,14 +321,21 @@ def _generate(args: argparse.Namespace) -> int:
         base = baseline_generate(target, tokenizer, ids, **options)
         print(base.stats_line())
         speedup = result.tokens_per_sec / base.tokens_per_sec if base.tokens_per_sec else 0.0
-        same = result.tokens == base.tokens
-        where = next(
-            (i for i, (a, b) in enumerate(zip(result.tokens, base.tokens)) if a != b),
-            min(len(result.tokens), len(base.tokens)),
-        )
-        verdict = "identical" if same else f"DIFFERENT from token {where}"
-        print(f"speed-up {speedup:.2f}x over mlx-lm generation; outputs {verdict}")
+        verdict = _compare(target, ids, base, result, args)
+        print(f"speed-up {speedup:.2f}x over mlx-lm generation; {verdict}")
     return 0
+
+
+def _compare(target: Any, ids: list[int], base: Any, result: Any, args: argparse.Namespace) -> str:
+    """Identical or where the outputs part; when greedy, whether at a near-tie of the target's
+    logits (kernel rounding) or not (a bug), from the logits plain decoding computes there."""
+    from .divergence import compare_line, first_difference
+    from .sampling import GREEDY_TEMPERATURE
+
+    if args.temperature >= GREEDY_TEMPERATURE:  # samples: the token-by-token verdict is greedy's
+        where = first_difference(base.tokens, result.tokens)
+        return "outputs identical" if where is None else f"outputs DIFFERENT from token {where}"
+    return compare_line(target.model, ids, base.tokens, result.tokens)
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -288,6 +288,7 @@ def load_pair(
     lookup: bool = False,
     stand_ins: bool | None = None,
     padded_attention: bool | None = None,
+    exact: bool = False,
 ) -> tuple[Target, Any, Drafter | None, PairConfig]:
     """Load a target and its drafter: `(target, tokenizer, drafter, config)`.
 
@@ -299,6 +300,7 @@ def load_pair(
     `drafter_bits` defaults to `default_drafter_bits()`. `confidence_threshold` as in
     `load_drafter`; `stand_ins` and `padded_attention` as in `Target` (None: the defaults).
     With no `model`, the embedded demo pair.
+    `exact` turns on `Target.use_exact` (verify rows bit-identical to plain decoding).
     """
     if drafter_bits is None:
         drafter_bits = default_drafter_bits()
@@ -320,6 +322,8 @@ def load_pair(
             "use --mode auto (see `mlx-specdec models`)"
         )
     target, tokenizer = load_target(model, stand_ins=stand_ins, padded_attention=padded_attention)
+    if exact:
+        target.use_exact()
     config = PairConfig(mode=resolved_mode, target=model)
     if drafter_ref is None:
         if not lookup:

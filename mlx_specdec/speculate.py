@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from .drafters.base import Drafter, Proposal
 from .errors import SpecDecError
+from .exact import decode_scores
 from .sampling import SamplingParams, sample, verify
 from .target import Target
 
@@ -91,9 +92,11 @@ def speculate(
     cache = target.make_cache() if cache is None else cache
     state = drafter.new_state(target.padded_attention) if drafter_state is None else drafter_state
     prompt = mx.array(list(prompt_ids[cached:]), dtype=mx.int32)
+    # Exact mode picks from what mlx-lm's sampler reads: its log-probabilities, row by row.
+    scores = decode_scores if getattr(target, "exact", None) else (lambda logits: logits)
 
     logits, taps = target.prefill(prompt, cache)
-    anchor = sample(logits[None], params).astype(mx.int32)
+    anchor = sample(scores(logits[None]), params).astype(mx.int32)
     first = anchor.item()
     produced = 1
     if first in eos_ids or produced >= max_new_tokens:
@@ -107,7 +110,7 @@ def speculate(
         else:  # one token left: a plain target step
             proposal = Proposal(mx.zeros((0,), mx.int32))
         logits, taps = target(mx.concatenate([anchor, proposal.tokens]), cache)
-        accepted, next_token = verify(proposal.tokens, proposal.q, logits, params)
+        accepted, next_token = verify(proposal.tokens, proposal.q, scores(logits), params)
         mx.async_eval(accepted, next_token, proposal.tokens)
         return _Launched(proposal, accepted, next_token, taps)
 

@@ -26,6 +26,7 @@ from mlx_lm.models.cache import (
 
 from .cache import PaddedKVCache, padded_by_default
 from .errors import SpecDecError
+from .exact import ExactRotatingKVCache, ExactVerify, RowPlan, default_plan
 from .kernels import stand_ins_available, weight_sharing_copy
 from .recurrent import RecurrentCache, armed, prepare
 
@@ -92,6 +93,7 @@ class Target:
             padded_by_default() if padded_attention is None else padded_attention
         )
         self._check_head()
+        self.exact: ExactVerify | None = None  # see `use_exact`
 
     # ----------------------------------------------------------------------------- structure
     @property
@@ -168,6 +170,14 @@ class Target:
                 "mlx-specdec does not reproduce; use --mode baseline"
             )
 
+    def use_exact(self, exact: bool | RowPlan = True) -> None:
+        """Exact verify (exact.py): every verify row through the kernels of the decode step at
+        its position, and prefill in mlx-lm's chunks. True: this backend's plan; a `RowPlan`:
+        that one (tests force the GPU's on the CPU); False: off. Caches made before keep their
+        kind: make new ones."""
+        plan = default_plan() if exact is True else exact
+        self.exact = ExactVerify.prepare(self.inner, plan, self.head_module) if plan else None
+
     # ----------------------------------------------------------------------------- taps
     def set_taps(self, layer_ids: Sequence[int]) -> None:
         """Capture the outputs of these decoder layers (0-based, concatenated in this order)."""
@@ -203,7 +213,7 @@ class Target:
     ) -> tuple[mx.array, mx.array | None]:
         """Forward `ids` ([T] int) on top of `cache`: (logits [T or 1, V], taps [T, m*H]).
         Any of these T positions can be rolled back afterwards (`rollback`)."""
-        with armed(cache):
+        with armed(cache), ExactVerify.rows_of(self.exact):
             return self._logits(ids, cache, last_only)
 
     def _logits(
@@ -236,6 +246,8 @@ class Target:
         ends = list(range(PREFILL_STEP, n, PREFILL_STEP)) + [n]
         if n > 1 and any(isinstance(c, RecurrentCache) for c in cache):
             ends = [e for e in ends if e < n - 1] + [n - 1, n]
+        if self.exact:  # exactly mlx-lm's chunks: the prompt's K/V and first logits are its own
+            ends = self.exact.prefill_ends(n)
         taps: list[mx.array] = []
         logits, start = None, 0
         for end in ends:
@@ -263,13 +275,17 @@ class Target:
         padded = self.padded_attention if padded is None else padded
         out = []
         for i, c in enumerate(cache):
-            if type(c) in (KVCache, RotatingKVCache) and padded:
+            if type(c) in (KVCache, RotatingKVCache) and self.exact:
+                c = self.exact.kv_cache(c)  # mlx-lm's kinds and buffer sizes: no padding
+            elif type(c) in (KVCache, RotatingKVCache) and padded:
                 c = PaddedKVCache()
             elif isinstance(c, RotatingKVCache):
                 c = KVCache()
             elif type(c) is ArraysCache:
                 c = RecurrentCache(len(c.cache))
-            if not isinstance(c, KVCache | QuantizedKVCache | RecurrentCache):
+            if not isinstance(
+                c, KVCache | QuantizedKVCache | RecurrentCache | ExactRotatingKVCache
+            ):
                 raise SpecDecError(self._refusal(i, type(c).__name__, len(cache)))
             out.append(c)
         held = sum(isinstance(c, RecurrentCache) for c in out)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..autocap import cache_file
-from ..cli import EXTERNAL_COMMANDS, cap_cache_folder
+from ..cli import EXTERNAL_COMMANDS, add_exact_argument, cap_cache_folder
 from ..errors import SpecDecError
 from .run import ALL_MODES, demo_pair_args, run_bench
 from .synthetic import SHAPES, run_synthetic
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="drafter for a speculative mode (default: from the registry); repeatable",
     )
     p.add_argument("--drafter-bits", type=int, default=4, choices=[4, 8, 16, 32])
+    add_exact_argument(p)
     p.add_argument(
         "--draft-model",
         metavar="SMALL_LM",

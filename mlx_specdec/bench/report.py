@@ -190,9 +190,39 @@ def verdict_line(v: dict[str, Any]) -> str:
             f"lossless: yes, {v['compared']} greedy outputs identical to {v['reference']} "
             "token by token"
         )
-    first = v["mismatches"][0]
-    return (
-        f"lossless: NO, {len(v['mismatches'])} of {v['compared']} outputs differ from "
-        f"{v['reference']} (first: {first['row']} on prompt {first['prompt']}, from token "
-        f"{first['first_difference']})"
+    mismatches = v["mismatches"]
+    first = mismatches[0]
+    where = (
+        f"first: {first['row']} on prompt {first['prompt']}, from token {first['first_difference']}"
     )
+    head = (
+        f"lossless: NO, {len(mismatches)} of {v['compared']} outputs differ from {v['reference']}"
+    )
+    if "near_ties" not in v:
+        return f"{head} ({where})"
+    ties, real = v["near_ties"], len(mismatches) - v["near_ties"]
+    # Show a real mismatch first: it is the one that needs a look.
+    shown = next((m for m in mismatches if not _near_tie(m)), first) if real else first
+    why = shown.get("divergence") or {}
+    detail = (
+        f"{shown['row']} on prompt {shown['prompt']} from token {shown['first_difference']}: "
+        + _divergence_words(why)
+    )
+    split = f"{ties} at near-ties of the target's logits (kernel rounding: see --exact)"
+    if real:
+        split += f", {real} REAL MISMATCH{'ES' if real > 1 else ''} (a bug)"
+    return f"{head}: {split}; e.g. {detail}"
+
+
+def _near_tie(m: dict[str, Any]) -> bool:
+    return bool(m.get("divergence") and m["divergence"]["near_tie"])
+
+
+def _divergence_words(d: dict[str, Any]) -> str:
+    if not d:
+        return "no divergence found on replay"
+    a, b = d["compared"]
+    what = f"{d['margin_ulps']} {d['dtype']} ulps"
+    if d["near_tie"]:
+        return f"a near-tie, tokens {a} and {b} {what} apart"
+    return f"a real mismatch, token {a} ahead of {b} by {what}"

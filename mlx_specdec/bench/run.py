@@ -27,6 +27,7 @@ from ..autocap import (
 )
 from ..cli import blas_line, target_switches
 from ..demo import KINDS, demo_paths, draft_lm_path
+from ..divergence import find_divergence
 from ..drafters.base import Drafter
 from ..drafters.lookup import LookupDrafter
 from ..errors import SpecDecError
@@ -233,6 +234,27 @@ def lossless_verdict(samples: Sequence[Sample], reference: str, greedy: bool) ->
     }
 
 
+def explain_mismatches(
+    verdict: dict[str, Any], samples: Sequence[Sample], target: Target, ids: Sequence[list[int]]
+) -> None:
+    """Add to each mismatch of a greedy verdict where its output parts from the reference, and
+    whether at a near-tie of the target's logits there (`divergence.find_divergence`); count
+    the near-ties (`near_ties`)."""
+    if not verdict.get("mismatches"):
+        return
+    outputs = {(s.row, s.prompt, s.trial): s.tokens for s in samples}
+    reference = verdict["reference"]
+    memo: dict[Any, Any] = {}
+    for m in verdict["mismatches"]:
+        ref = outputs[(reference, m["prompt"], 0)]
+        other = outputs[(m["row"], m["prompt"], m["trial"])]
+        d = find_divergence(target.model, ids[m["prompt"]], ref, other, memo=memo)
+        m["divergence"] = None if d is None else d.to_json()
+    verdict["near_ties"] = sum(
+        bool(m["divergence"] and m["divergence"]["near_tie"]) for m in verdict["mismatches"]
+    )
+
+
 def parse_caps(text: str) -> list[int | str]:
     caps: list[int | str] = []
     for part in (p.strip() for p in text.split(",")):
@@ -329,6 +351,9 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
     params = SamplingParams(args.temperature, seed=args.seed)
 
     target, tokenizer = load_target(args.model, **target_switches())
+    if getattr(args, "exact", False):
+        target.use_exact()
+        print(target.exact.describe(), file=sys.stderr)
     drafters = _load_drafters(args, modes, target, drafter_refs)
     draft_lm = None
     if "draft-model" in modes:
@@ -440,6 +465,7 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
             st["e2e_speedup"] = st["e2e_tps"] / b["e2e_tps"] if b and b["e2e_tps"] else None
             stats.append(st)
     verdict = lossless_verdict(samples, base, params.greedy)
+    explain_mismatches(verdict, samples, target, ids)
 
     print()
     print(results_table(stats))

@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     max_draft = resolve_draft_cap(target, drafter, args.max_draft)
     if drafter is not None:
         check_max_draft(max_draft, drafter)  # fail at start, not on every request
+        from ..doctor import startup_check  # is greedy output plain decoding's here? (logged)
+
+        print(f"mlx-specdec: {startup_check(target)}", file=sys.stderr)
     engine = Engine(
         target,
         tokenizer,
