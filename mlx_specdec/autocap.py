@@ -442,3 +442,131 @@ def resolve_max_draft(
             return None
         return auto_max_draft(target, drafter, notify=notify, cap_cache=cap_cache)
     return max_draft
+
+
+# ================================================================================ batch sizes
+def measure_batch_costs(
+    target: Target,
+    drafter: Drafter,
+    rows: int,
+    context_len: int,
+    *,
+    context_rows: int = 3,
+    reps: int = 3,
+    budget_s: float | None = None,
+) -> CostModel:
+    """`measure_costs` for a batched round of `rows` sequences (`batch.BatchDecoder`): one
+    verify forward of `rows` x K tokens, K = 1..max_draft+1, and one drafter call for all rows
+    per cap. Times are per round: the model's tok/s, times `rows`, is the batch's."""
+    from .drafters.batched import batched, propose_each, propose_rows
+    from .rows import RowRNG, forward_rows, make_row_cache, prepare
+
+    prepare(target)
+    widths = range(1, drafter.max_draft + 2)
+    share = budget_s / (len(widths) + drafter.max_draft) if budget_s is not None else None
+    ids = mx.random.randint(0, target.vocab_size, (context_len,), key=mx.random.key(0))
+    first = make_row_cache(target)
+    _, taps = target.prefill(ids.astype(mx.int32), first)
+    caches = [first] + [make_row_cache(target) for _ in range(rows - 1)]
+    for c in caches[1:]:  # copies of the first row's context (arrays of their own)
+        for mine, theirs in zip(c, first):
+            mine.keys, mine.values, mine.offset = theirs.keys * 1, theirs.values * 1, theirs.offset
+    mx.eval([layer.state for c in caches for layer in c])
+
+    def verify(k: int) -> Callable[[], Any]:
+        tokens = mx.broadcast_to(ids[:k].astype(mx.int32), (rows, k))
+
+        def run() -> list[mx.array]:
+            out = list(forward_rows(target, tokens, caches, [k] * rows))
+            mx.eval(out)
+            for c in caches:
+                Target.rollback(c, k)
+            return out
+
+        return run
+
+    verify_ms = {k: _median_ms(verify(k), reps, share) for k in widths}
+    n = max(1, min(context_rows, drafter.max_draft + 1))
+    states = [drafter.new_state(False) for _ in range(rows)]
+    greedy, rngs = [SamplingParams()] * rows, [RowRNG(0) for _ in range(rows)]
+    context, nexts = [taps[:n]] * rows, [ids[:n].astype(mx.int32)] * rows
+
+    def propose(cap: int) -> Callable[[], Any]:
+        def run() -> mx.array:
+            if batched(drafter):
+                anchors = mx.stack([t[-1] for t in nexts])
+                tokens, _ = propose_rows(
+                    drafter, states, context, anchors, [cap] * rows, greedy, rngs
+                )
+            else:
+                tokens, _, _ = propose_each(
+                    drafter, states, context, nexts, [cap] * rows, greedy, rngs
+                )
+            mx.eval(tokens)
+            for s in states:
+                _rewind(s, n)
+            return tokens
+
+        return run
+
+    mx.eval(propose(1)())
+    draft_ms = {c: _median_ms(propose(c), reps, share) for c in range(1, drafter.max_draft + 1)}
+    return CostModel(context_len, verify_ms, draft_ms)
+
+
+def cap_or_plain(costs: CostModel, survival: Sequence[float]) -> int:
+    """The fastest cap by the model, or 0 when plain decoding (one token a round) is faster."""
+    cap = costs.best_cap(survival)
+    spec = costs.predicted_tps(cap, expected_accept(survival, cap))
+    return cap if spec > costs.baseline_tps else 0
+
+
+def batch_caps(
+    target: Target,
+    drafter: Drafter,
+    sizes: Sequence[int],
+    *,
+    context_len: int = AUTO_CONTEXT // 2,
+    budget_s: float = AUTO_BUDGET_S,
+    cap_cache: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> dict[int, int]:
+    """Per batch size, the cap the cost model picks (0: plain batched decoding is faster).
+
+    A verify of B rows costs little more than one row's where decoding is bound by memory
+    traffic, so speculation keeps paying as B grows; where it is bound by compute (small models
+    on CPUs) its cost grows with B and the cap falls, down to 0. Cached like `auto_max_draft`'s
+    cap (one entry per size, `cap_cache`), from the survival `bench` last observed (else the
+    prior); sizes not cached are measured now, `budget_s` in all."""
+    path = Path(cap_cache).expanduser() if cap_cache else cache_file()
+    key = cap_cache_key(target, drafter)
+    entries = _read_cache(path)
+    surv = list(entries.get(key, {}).get("survival") or geometric_survival(PRIOR_ACCEPT, 1))
+    caps = {}
+    missing = [
+        b for b in sizes if not isinstance(entries.get(f"{key}|batch{b}", {}).get("cap"), int)
+    ]
+    if missing and notify:
+        notify(f"mlx-specdec: timing batched rounds of {missing} rows (once; cached in {path})")
+    for b in sizes:
+        entry = entries.get(f"{key}|batch{b}", {})
+        if b in missing:
+            costs = measure_batch_costs(
+                target, drafter, b, context_len, budget_s=budget_s / len(missing)
+            )
+            entry = {"cap": cap_or_plain(costs, surv), "costs": costs.to_json()}
+            store = _read_cache(path)
+            store[f"{key}|batch{b}"] = entry
+            _write_cache(path, store)
+        caps[b] = min(entry["cap"], drafter.max_draft)
+    return caps
+
+
+def cap_for_batch(caps: dict[int, int]) -> Callable[[int], int]:
+    """`BatchDecoder`'s `cap_for`: the cap chosen for the largest measured size <= B."""
+    sizes = sorted(caps)
+
+    def cap_for(b: int) -> int:
+        return caps[max((s for s in sizes if s <= b), default=sizes[0])]
+
+    return cap_for

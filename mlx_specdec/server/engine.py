@@ -1,5 +1,10 @@
 """The one generation worker: a thread that owns MLX and serves requests in arrival order.
 
+With `max_batch` > 1 the worker runs batched speculative rounds (`batch.BatchDecoder`): up to
+that many requests decode together, new ones join between rounds (their prefill chunked), and
+a cancelled one leaves at the next round. Each request's tokens are what it gets alone (exact
+on the CPU backend, see batch.py); the prefix cache is not used there.
+
 HTTP handlers (on the asyncio loop) submit a `Job` and read its results from an asyncio queue;
 setting `job.cancel` (client gone, stop sequence seen) ends the generation at the next round.
 A handler whose client leaves while its job still waits takes the job back out of the line
@@ -20,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..batch import BatchDecoder
 from ..drafters.base import Drafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, stream_speculative_generate
@@ -27,6 +33,7 @@ from ..loading import PairConfig
 from ..prefix_cache import PrefixCache
 from ..speculate import Round
 from ..target import Target
+from .batching import RowStream, batchable, make_request
 
 log = logging.getLogger("mlx_specdec.server")
 
@@ -78,6 +85,15 @@ class Metrics:
         )
         self.queued = Gauge("specdec_queue_depth", "Requests waiting for the engine", registry=r)
         self.busy = Gauge("specdec_busy", "1 while a request is generating", registry=r)
+        self.batch_size = Gauge(
+            "specdec_batch_size", "Requests decoding together (--max-batch)", registry=r
+        )
+        self.round_rows = Histogram(
+            "specdec_round_rows",
+            "Requests sharing each batched step",
+            buckets=[1, 2, 4, 8, 16, 32, 64],
+            registry=r,
+        )
         self.prefix_lookups = Counter(
             "specdec_prefix_cache_lookups",
             "Prefix cache lookups by outcome (hit, miss, unsupported, off)",
@@ -139,9 +155,16 @@ class Engine:
         max_queue: int = 16,
         max_draft: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        max_batch: int = 1,
+        cap_for: Any = None,
     ) -> None:
         if max_queue < 1:
             raise SpecDecError(f"--max-queue must be >= 1, got {max_queue}")
+        if max_batch < 1:
+            raise SpecDecError(f"--max-batch must be >= 1, got {max_batch}")
+        # Batched rounds (`_work_batched`); refused at start for what they do not cover.
+        self.max_batch, self.cap_for = max_batch, cap_for
+        self._decoder = BatchDecoder(target, drafter, cap_for=cap_for) if max_batch > 1 else None
         self.target, self.tokenizer, self.drafter, self.config = target, tokenizer, drafter, config
         self.max_draft = max_draft
         self.prefix_cache = prefix_cache
@@ -152,11 +175,13 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._line = threading.Condition()  # guards _waiting, _running, closing, _stopped
         self._running: Job | None = None
+        self._rows: dict[int, tuple[Job, RowStream]] = {}  # batched: uid -> its job, stream
         self.closing = False  # no new jobs: a shutdown has begun
         self._stopped = False  # the worker ends once the line is empty
         self._mean_seconds = 1.0  # running mean of a request's duration, for Retry-After
         self.busy = False
-        self._thread = threading.Thread(target=self._work, name="specdec-engine", daemon=True)
+        work = self._work if max_batch == 1 else self._work_batched
+        self._thread = threading.Thread(target=work, name="specdec-engine", daemon=True)
 
     @property
     def alive(self) -> bool:
@@ -195,19 +220,20 @@ class Engine:
         cut the running one after `grace` seconds if it has not ended by then."""
         with self._line:
             self.closing = True
-            waiting, running = list(self._waiting), self._running
+            waiting = list(self._waiting)
+            running = [self._running] if self._running else [j for j, _ in self._rows.values()]
             self._waiting.clear()
         self.metrics.queued.set(0)
         for job in waiting:
             job.cancel.set()
             job.put(EngineClosed())
-        if running is not None:
+        for job in running:
             if grace > 0:
-                timer = threading.Timer(grace, running.cut)
+                timer = threading.Timer(grace, job.cut)
                 timer.daemon = True  # never what keeps the process alive
                 timer.start()
             else:
-                running.cut()
+                job.cut()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Drain at once and let the worker end (waiting at most `timeout` seconds for it)."""
@@ -251,6 +277,93 @@ class Engine:
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (
                     time.perf_counter() - started
                 )
+
+    # ------------------------------------------------------------------ batched
+    def _admit(self) -> list[Job] | None:
+        """The waiting jobs that fit in the batch now (waits while nothing runs or waits);
+        None once stopped with nothing left."""
+        with self._line:
+            while not self._waiting and not self._rows and not self._stopped:
+                self._line.wait()
+            if not self._waiting and not self._rows:
+                return None
+            jobs = []
+            while self._waiting and len(self._rows) + len(jobs) < self.max_batch:
+                jobs.append(self._waiting.popleft())
+            return jobs
+
+    def _start_row(self, job: Job) -> None:
+        if job.cancel.is_set():  # gave up while waiting
+            job.put(JobCancelled())
+            return
+        if not batchable(job.options):  # an option batched rounds lack: run it alone
+            self._running = job
+            try:
+                job.put(self._generate(job))
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+                job.put(e)
+            finally:
+                self._running = None
+            return
+        eos = set(self.tokenizer.eos_token_ids)
+        mode = self.drafter.kind if self.drafter else "baseline"
+        try:
+            request = make_request(job.ids, job.options, eos, self.max_draft)
+            uid = self._decoder.add(request)
+        except SpecDecError as e:
+            job.put(e)
+            return
+        with self._line:
+            self._rows[uid] = (job, RowStream(self.tokenizer, request, mode))
+
+    def _end_row(self, uid: int, cancelled: bool = False, error: Exception | None = None) -> None:
+        self._decoder.drop(uid)
+        with self._line:
+            job, stream = self._rows.pop(uid)
+        if error is not None:
+            job.put(error)
+            return
+        _, result = stream.finish(cancelled)
+        self._record(result)
+        job.put(result)
+        seconds = result.prefill_seconds + result.decode_seconds
+        self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
+
+    def _work_batched(self) -> None:
+        """Admit waiting jobs up to `max_batch`, drop cancelled rows, run one step (a prefill
+        chunk of a joining request, then a round of every decoding row), stream what it
+        committed; repeat."""
+        while (jobs := self._admit()) is not None:
+            self.metrics.queued.set(self.queued)
+            for job in jobs:
+                self._start_row(job)
+            for uid, (job, _) in list(self._rows.items()):
+                if job.cancel.is_set():  # client gone, stop sequence seen, shutdown
+                    self._end_row(uid, cancelled=True)
+            self._show_rows()
+            if self._rows:
+                self._step()
+                self._show_rows()
+
+    def _step(self) -> None:
+        self.metrics.round_rows.observe(len(self._rows))
+        try:
+            events = self._decoder.step()
+        except Exception as e:  # noqa: BLE001 - the batch fails, the server goes on
+            log.exception("batched generation failed")
+            for uid in list(self._rows):
+                self._end_row(uid, error=e)
+            return
+        for event in events:
+            job, stream = self._rows[event.uid]
+            job.put(stream.add(event))
+            if event.finished:
+                self._end_row(event.uid)
+
+    def _show_rows(self) -> None:
+        self.busy = bool(self._rows)
+        self.metrics.busy.set(int(self.busy))
+        self.metrics.batch_size.set(len(self._rows))
 
     def _generate(self, job: Job) -> GenerationResult:
         """Stream chunks to the job; on cancel, close the generator (no further round runs) and
