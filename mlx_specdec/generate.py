@@ -4,7 +4,7 @@ generation on the same target), around the token loop in `speculate.py`."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,14 @@ from .errors import SpecDecError
 from .prefix_cache import PrefixCache, fingerprint
 from .prompts import render_chat
 from .recurrent import RecurrentCache
-from .sampling import SamplingParams
-from .speculate import Round, speculate
+from .sampling import LogitsProcessor, Logprobs, SamplingParams, penalty_processors
+from .speculate import Round, Step, speculate
 from .target import Target
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
-# (tokens, round) pieces of a run; a run is started from caches holding `cached` prompt tokens.
-Steps = Iterator[tuple[list[int], Round | None]]
+# The pieces of a run (`speculate.Step`: tokens, round, scores); a run is started from caches
+# holding `cached` prompt tokens.
+Steps = Iterator[Step]
 
 
 @dataclass
@@ -39,6 +40,9 @@ class GenerationResult:
     mode: str
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
     prefix_cache: str = "off"  # "hit", "miss", "unsupported" (caches not cuttable) or "off"
+    # With logprobs / top_logprobs: one entry per token of `tokens` (see `GenerationChunk`).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def mean_accept_len(self) -> float:
@@ -73,6 +77,12 @@ class GenerationChunk:
     # How the prefill went: {"prefix_cache": "hit"|"miss"|..., "cached_tokens": N} (empty when
     # no prefix cache is used); the same on every chunk.
     cache_info: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Asked for with `logprobs` / `top_logprobs`, one entry per token of `tokens`: the target's
+    # log-probability of the token as plain decoding reports it (mlx-lm's generate_step: the
+    # logits after the logits processors, minus their logsumexp; no temperature or top-p),
+    # and the `top_logprobs` most likely tokens there, [(id, logprob)] best first.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def encode_prompt(
@@ -115,27 +125,39 @@ def stream_steps(
     mode: str,
     cache_info: dict[str, Any],
 ) -> Iterator[GenerationChunk]:
-    """Detokenize `(tokens, round)` steps; time prefill (to the first token) and decode."""
+    """Detokenize steps (`Step`s, or `(tokens, round)` pairs, which carry no scores); time
+    prefill (to the first token) and decode. A stop token is not shown, nor are its scores."""
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
     tokens: list[int] = []
     rounds: list[Round] = []
+    scores: dict[str, list] = {}  # "logprobs" / "top_logprobs" of the shown tokens, if given
     t0 = time.perf_counter()
     t_first = None
     finish = "length"
-    for new, rnd in steps:
+    for step in steps:
+        step = step if isinstance(step, Step) else Step(*step)
+        new, rnd = step.tokens, step.round
         if t_first is None:
             t_first = time.perf_counter()
         if rnd is not None:
             rounds.append(rnd)
-        shown = [t for t in new if t not in eos]
+        keep = [i for i, t in enumerate(new) if t not in eos]
+        shown = [new[i] for i in keep]
         tokens += shown
         for t in shown:
             detok.add_token(t)
         if len(shown) < len(new):
             finish = "stop"
-        yield GenerationChunk(detok.last_segment, shown, rnd, cache_info=cache_info)
+        mine = {
+            name: [values[i] for i in keep]
+            for name in ("logprobs", "top_logprobs")
+            if (values := getattr(step, name)) is not None
+        }
+        for name, values in mine.items():
+            scores.setdefault(name, []).extend(values)
+        yield GenerationChunk(detok.last_segment, shown, rnd, cache_info=cache_info, **mine)
     detok.finalize()
     end = time.perf_counter()
     t_first = t_first or end
@@ -149,8 +171,10 @@ def stream_steps(
         finish_reason=finish if len(tokens) < max_new_tokens else "length",
         mode=mode,
         **cache_info,
+        **scores,
     )
-    yield GenerationChunk(detok.last_segment, [], None, result, cache_info)
+    empty = {name: [] for name in scores}
+    yield GenerationChunk(detok.last_segment, [], None, result, cache_info, **empty)
 
 
 def stream_speculative_generate(
@@ -170,6 +194,14 @@ def stream_speculative_generate(
     enable_thinking: bool | None = None,
     prefix_cache: PrefixCache | None = None,
     cap_cache: str | Path | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    logit_bias: Mapping[int, float] | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    penalty_context_size: int = 20,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[GenerationChunk]:
     """Stream text pieces as rounds commit them; the last chunk carries the `GenerationResult`.
     With `drafter=None` this is plain decoding through mlx-lm (the baseline). With a
@@ -177,8 +209,28 @@ def stream_speculative_generate(
     the caches of a run that ends normally are kept in it. `max_draft`: None =
     the drafter's full block, N = verify the first N drafts, "auto" = the cap cached for this
     model on this machine in the file `cap_cache` (default `autocap.cache_file()`), measured once
-    (a few seconds) when none is (`autocap.auto_max_draft`)."""
+    (a few seconds) when none is (`autocap.auto_max_draft`).
+
+    `logprobs=True` puts on every chunk the target's log-probability of each token, and
+    `top_logprobs=N` the N most likely tokens at each position too (see `GenerationChunk`);
+    they equal what plain decoding reports. `logit_bias` ({token id: added logit}),
+    `presence_penalty`, `frequency_penalty` and `repetition_penalty` are mlx-lm's logits
+    processors, each penalty over the last `penalty_context_size` tokens (prompt included;
+    mlx-lm's default 20); `logits_processors` adds any others of mlx-lm's signature, applied
+    after them. Every verify row sees the tokens plain decoding sees there, so the output is
+    still exactly plain decoding's with the same processors."""
     params = SamplingParams(temperature, top_p, top_k, min_p, seed)
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+        raise SpecDecError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+    report = top_logprobs if logprobs or top_logprobs else None
+    processors = penalty_processors(
+        target.vocab_size,
+        logit_bias=logit_bias,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        context_size=penalty_context_size,
+    ) + list(logits_processors)
     if max_new_tokens < 1:
         raise SpecDecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = encode_prompt(tokenizer, prompt, chat=chat, enable_thinking=enable_thinking)
@@ -192,9 +244,10 @@ def stream_speculative_generate(
     mode = drafter.kind if drafter else "baseline"
 
     def run(cache: list[Any] | None, drafter_state: Any, cached: int) -> Steps:
+        extra = dict(logits_processors=processors, logprobs=report)
         if drafter is None:
-            return baseline_steps(target, ids, max_new_tokens, params, eos, cache, cached)
-        spec = speculate(
+            return baseline_steps(target, ids, max_new_tokens, params, eos, cache, cached, **extra)
+        return speculate(
             target,
             drafter,
             ids,
@@ -205,8 +258,8 @@ def stream_speculative_generate(
             cache=cache,
             drafter_state=drafter_state,
             cached=cached,
+            **extra,
         )
-        return ((s.tokens, s.round) for s in spec)
 
     info: dict[str, Any] = {}
     if prefix_cache is None:
@@ -260,10 +313,10 @@ def _reusing_prefix(
 
     tokens = list(ids)
     try:
-        for new, rnd in run(target_cache, drafter_state or None, cached):
-            tokens += new
-            yield new, rnd
-            if recurrent and rnd is None:
+        for step in run(target_cache, drafter_state or None, cached):
+            tokens += step.tokens
+            yield step
+            if recurrent and step.round is None:
                 keep(ids)
     except Exception:
         if found is not None:
@@ -289,27 +342,41 @@ def baseline_steps(
     eos: set[int],
     cache: list[Any] | None = None,
     cached: int = 0,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    logprobs: int | None = None,
 ) -> Steps:
     """mlx-lm's own `generate_step` on the same target: the official baseline, one token a step
-    (on top of `cache` holding the first `cached` prompt tokens, if given)."""
+    (on top of `cache` holding the first `cached` prompt tokens, if given), with its logits
+    processors and its log-probabilities (`logprobs`: None, or how many top ones)."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
     if params.seed is not None:
         mx.random.seed(params.seed)
     sampler = make_sampler(params.temperature, params.top_p, params.min_p, top_k=params.top_k)
+    # generate_step's processors see the tokens it is given: add the cached ones in front.
+    before = mx.array(ids[:cached], mx.int32)
+    processors = [_after(before, p) for p in logits_processors] if cached else logits_processors
     gen = generate_step(
         mx.array(ids[cached:]),
         target.model,
         max_tokens=max_new_tokens,
         sampler=sampler,
+        logits_processors=list(processors) or None,
         prompt_cache=cache,
     )
-    for i, (token, _) in enumerate(gen):
+    for i, (token, row) in enumerate(gen):
         token = int(token)
-        yield [token], (None if i == 0 else Round([], 0, [token]))
+        scores = (None, None)
+        if logprobs is not None:
+            scores = Logprobs.of(row[None], mx.array([token]), logprobs).read(1)
+        yield Step([token], None if i == 0 else Round([], 0, [token]), False, *scores)
         if token in eos:
             break
+
+
+def _after(before: mx.array, processor: LogitsProcessor) -> LogitsProcessor:
+    return lambda tokens, logits: processor(mx.concatenate([before, tokens]), logits)
 
 
 def baseline_generate(
