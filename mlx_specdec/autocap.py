@@ -559,6 +559,10 @@ def batch_caps(
             store[f"{key}|batch{b}"] = entry
             _write_cache(path, store)
         caps[b] = min(entry["cap"], drafter.max_draft)
+    # A wider batch never pays more for speculation than a narrower one: timing noise aside,
+    # a larger batch's cap is at most a smaller one's.
+    for small, large in zip(sorted(caps), sorted(caps)[1:]):
+        caps[large] = min(caps[large], caps[small])
     return caps
 
 

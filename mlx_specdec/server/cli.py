@@ -41,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=positive_int, default=16, help="requests that may wait; more get 503"
     )
     p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="requests decoded together in batched speculative rounds, each one's output what "
+        "it is alone (default 1: one at a time; dense targets only; no prefix cache)",
+    )
+    p.add_argument(
         "--max-tokens", type=positive_int, default=512, help="when a request gives no max_tokens"
     )
     p.add_argument(
@@ -77,6 +85,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=16384,
         help="disk kept in --prefix-cache-dir, MiB (default 16384); the oldest files go first",
     )
+
+
+def batch_cap_rule(target, drafter, args: argparse.Namespace):  # noqa: ANN001, ANN201
+    """With --max-batch > 1 and --max-draft auto: the cap per batch size (0: plain batched
+    decoding), measured once per machine and cached (`autocap.batch_caps`); else None."""
+    if args.max_batch == 1 or drafter is None or args.max_draft != "auto" or not drafter.tap_ids:
+        return None
+    from ..autocap import batch_caps, cache_file, cap_for_batch
+    from ..cli import cap_cache_folder
+
+    sizes = sorted({2**i for i in range(args.max_batch.bit_length()) if 2**i <= args.max_batch})
+    note = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    caps = batch_caps(target, drafter, sizes, cap_cache=cache_file(cap_cache_folder()), notify=note)
+    shown = ", ".join(f"{b} rows: {c or 'plain'}" for b, c in caps.items())
+    note(f"mlx-specdec: draft cap per batch size ({shown})")
+    return cap_for_batch(caps)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         config,
         max_queue=args.max_queue,
         max_draft=max_draft,
-        prefix_cache=prefix_cache,
+        prefix_cache=None if args.max_batch > 1 else prefix_cache,
+        max_batch=args.max_batch,
+        cap_for=batch_cap_rule(target, drafter, args),
     )
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or DEMO_MODEL_NAME,
