@@ -375,7 +375,7 @@ def test_schemathesis_finds_no_server_error():
             env={**os.environ, "SCHEMATHESIS_TELEMETRY": "false"},
         )
         assert run.returncode == 0, run.stdout[-3000:]
-        assert "5 selected / 5 total" in run.stdout  # every route
+        assert "8 selected / 8 total" in run.stdout  # every route
         assert httpx.get(f"{base}/health").json()["status"] == "ok"
     finally:
         _stop(proc)

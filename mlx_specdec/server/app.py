@@ -1,9 +1,10 @@
-"""The FastAPI app: OpenAI-compatible routes in front of one `Engine`.
+"""The FastAPI app: OpenAI- and Anthropic-compatible routes in front of one `Engine`.
 
-Each route family is a module with a `router(server)`: `chat.py` (chat completions) and
-`completions.py` (raw completions), both built on `streaming.py` (a request's run on the engine
-and the SSE tail). This module wires them up, with the guard middleware, the error handlers and
-the service routes (models, health, metrics). `shutdown.py` runs the app.
+Each route family is a module with a `router(server)`: `chat.py` (chat completions),
+`completions.py` (raw completions), `messages.py` (Anthropic Messages) and `responses.py` (OpenAI
+Responses), all built on `streaming.py` (a request's run on the engine and the SSE tail). This
+module wires them up, with the guard middleware, the error handlers and the service routes
+(models, health, metrics). `shutdown.py` runs the app.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import chat, completions
+from . import chat, completions, messages, responses
 from .context import Server, ServerSettings
 from .engine import Engine
 from .errors import ApiError, add_error_handlers, error_response
 
 __all__ = ["ServerSettings", "create_app"]
-ENDPOINTS = {"/v1/chat/completions": chat.ENDPOINT, "/v1/completions": completions.ENDPOINT}
+FAMILIES = (chat, completions, messages, responses)
+# Metrics labels of the routes that generate (errors before a generation are counted by path).
+ENDPOINTS = {
+    "/v1/chat/completions": chat.ENDPOINT,
+    "/v1/completions": completions.ENDPOINT,
+    "/v1/messages": messages.ENDPOINT,
+    "/v1/responses": responses.ENDPOINT,
+}
 log = logging.getLogger("mlx_specdec.server")
 
 
@@ -67,16 +75,19 @@ class _Guard:
             log.exception("request failed")
             if started:
                 raise  # too late for an answer: the server closes the connection
-            await error_response(500, "internal error", "server_error")(scope, receive, send)
+            path = scope.get("path", "")
+            await error_response(500, "internal error", "server_error", path)(scope, receive, send)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers") or [])
-        if scope["path"] != "/health" and not authorized(headers, self.key):
+        headers, path = dict(scope.get("headers") or []), scope["path"]
+        if path != "/health" and not authorized(headers, self.key):
             msg = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
-            return await error_response(401, msg, "authentication_error")(scope, receive, send)
+            denied = error_response(401, msg, "authentication_error", path)
+            return await denied(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await self._too_large(scope, receive, send)
+            too_large = error_response(413, self._too_large(), "invalid_request_error", path)
+            return await too_large(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -85,17 +96,13 @@ class _Guard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
-                    raise HTTPException(413, self._too_large_message())
+                    raise HTTPException(413, self._too_large())
             return message
 
         await self.app(scope, counted, send)
 
-    def _too_large_message(self) -> str:
+    def _too_large(self) -> str:
         return f"request body over the limit of {self.max_body} bytes"
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, self._too_large_message(), "invalid_request_error")
-        await response(scope, receive, send)
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -130,7 +137,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             engine.metrics.count(endpoint, e.outcome)
 
     add_error_handlers(app, count)
-    for family in (chat, completions):
+    for family in FAMILIES:
         app.include_router(family.router(server))
     _add_service_routes(app, server)
     if settings.api_key:

@@ -3,7 +3,6 @@ tools offered to the template, and the answer split into content, reasoning and 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,11 +11,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..prompts import render_chat
-from .context import Server, ServerSettings, guarded
+from .context import Server, guarded
+from .conversation import Conversation, start_reply, tool_call_entry
 from .errors import ApiError
-from .openai_common import ChunkStream, choice, finish_reason, stats
-from .output import Delta, OutputSplitter, StopFilter, ToolParser, prompt_opens_thinking
+from .openai_common import ChunkStream, choice, stats
+from .output import Delta, StopFilter
 from .schemas import ChatCompletionRequest, Message
 from .streaming import Generation, stream_response
 
@@ -24,8 +23,7 @@ ENDPOINT = "chat"  # the metrics label
 
 
 def template_message(m: Message, i: int) -> dict[str, Any]:
-    """Message `i` as chat templates expect it: text content, tool-call arguments as objects
-    (Qwen3-style templates serialize them)."""
+    """Message `i` as chat templates expect it: text content, tool-call arguments as objects."""
     out: dict[str, Any] = {"role": m.role}
     if isinstance(m.content, list):
         if any(p.type != "text" for p in m.content):
@@ -42,56 +40,27 @@ def template_message(m: Message, i: int) -> dict[str, Any]:
     if m.reasoning_content:
         out["reasoning_content"] = m.reasoning_content
     if m.tool_calls:
-        calls = []
-        for c in m.tool_calls:
-            try:  # (the schema bounded its nesting, so this cannot recurse too deep)
-                args: Any = json.loads(c.function.arguments)
-            except ValueError:
-                args = c.function.arguments
-            calls.append(
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": args},
-                }
-            )
-        out["tool_calls"] = calls
+        out["tool_calls"] = [
+            tool_call_entry(c.id, c.function.name, c.function.arguments) for c in m.tool_calls
+        ]
     return out
 
 
-def chat_prompt(
-    tokenizer: Any, req: ChatCompletionRequest, settings: ServerSettings, max_bytes: int | None
-) -> tuple[list[int], bool]:
-    """Token ids through the model's chat template, and whether the prompt left the model
-    inside a thinking block. Message content stays text (`prompts.render_chat`) unless the
-    server allows raw special tokens. Runs on a prompt worker, off the event loop."""
+def chat_conversation(req: ChatCompletionRequest) -> Conversation:
+    """The request as a `Conversation`: `enable_thinking` wins over the template variable of
+    the same name; `parallel_tool_calls: false` ends the answer after its first call."""
     kwargs = dict(req.chat_template_kwargs or {})
-    thinking = req.enable_thinking
-    if thinking is None:
-        thinking = kwargs.get("enable_thinking", settings.enable_thinking)
-    kwargs.pop("enable_thinking", None)
-    if thinking is not None:
-        kwargs["enable_thinking"] = bool(thinking)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this model has no chat template: use /v1/completions")
+    thinking = kwargs.pop("enable_thinking", None)
+    if req.enable_thinking is not None:
+        thinking = req.enable_thinking
     offered = req.tools and req.tool_choice != "none"
-    prompt = render_chat(
-        tokenizer,
+    return Conversation(
         [template_message(m, i) for i, m in enumerate(req.messages)],
         tools=[t.model_dump(exclude_none=True) for t in req.tools] if offered else None,
+        thinking=None if thinking is None else bool(thinking),
         template_kwargs=kwargs,
-        raw_special=settings.raw_special_tokens,
-        max_bytes=max_bytes,
+        max_tool_calls=1 if req.parallel_tool_calls is False else None,
     )
-    return prompt.ids, prompt_opens_thinking(prompt.text)
-
-
-def model_tool_format(tokenizer: Any) -> tuple[str, str, ToolParser] | None:
-    """The model's own tool-call format (mlx-lm detects it from the chat template), besides the
-    two formats every model gets."""
-    if not getattr(tokenizer, "has_tool_calling", False):
-        return None
-    return tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser
 
 
 def assistant_message(out: Delta) -> dict[str, Any]:
@@ -132,28 +101,18 @@ class ChatChunks(ChunkStream):
         yield self.chunk(out)
 
     def finish_reason(self, gen: Generation) -> str:
-        return finish_reason(gen, self.n_calls)
+        return gen.finish_reason(self.n_calls)
 
 
 def router(server: Server) -> APIRouter:
     api = APIRouter()
-    tokenizer = server.engine.tokenizer
-    extra_tools = model_tool_format(tokenizer)
 
     @api.post("/v1/chat/completions", summary="Chat completion (OpenAI)")
     @guarded(ENDPOINT)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         opts = server.options(req, req.max_completion_tokens or req.max_tokens)
-        ids, in_reasoning = await server.prepare(
-            chat_prompt, tokenizer, req, server.settings, server.max_prompt_bytes
-        )
-        offered = req.tools and req.tool_choice != "none"
-        tools = [t.model_dump() for t in req.tools] if offered else None
-        splitter = OutputSplitter(
-            in_reasoning=in_reasoning, tools=tools, extra_tool_format=extra_tools if tools else None
-        )
         stops = StopFilter(req.stop_list())
-        gen = await server.generate(request, ids, opts, ENDPOINT, stops, splitter)
+        gen = await start_reply(server, request, chat_conversation(req), opts, ENDPOINT, stops)
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -162,7 +121,7 @@ def router(server: Server) -> APIRouter:
         if req.stream:
             return stream_response(gen, ChatChunks(base, req.include_usage()))
         out = await gen.collect()
-        reason = finish_reason(gen, len(out.tool_calls))
+        reason = gen.finish_reason(len(out.tool_calls))
         body = {
             **base,
             "object": "chat.completion",

@@ -15,7 +15,7 @@ from ..cli import (
 )
 from ..errors import SpecDecError
 
-HELP = "serve an OpenAI-compatible API (chat, completions, tools, metrics)"
+HELP = "serve OpenAI- and Anthropic-compatible APIs (chat, completions, messages, responses)"
 DEMO_MODEL_NAME = "mlx-specdec-demo"  # the model id when no --model is given
 
 
@@ -66,6 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read the chat template's special tokens written in messages as those tokens "
         "(default: as plain text, so no message can open a turn of another role)",
+    )
+    p.add_argument(
+        "--response-store",
+        type=int,
+        default=256,
+        metavar="N",
+        help="responses kept for the Responses API's previous_response_id (default 256; the "
+        "least recently used go first; 0 keeps none)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cache = p.add_argument_group("prefix cache (reuse the KV of conversations' shared prefixes)")
@@ -120,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecDecError("--max-tokens cannot be above --max-tokens-limit")
     if args.max_body_mb <= 0:
         raise SpecDecError("--max-body-mb must be > 0")
+    if args.response_store < 0:
+        raise SpecDecError("--response-store must be >= 0")
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
     prefix_cache = None  # built first: a bad folder or size fails before the model loads
     if not args.no_prefix_cache:
@@ -156,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         cors_origins=args.cors_origin,
         raw_special_tokens=args.raw_special_tokens,
+        response_store=args.response_store,
         sampling={
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,

@@ -14,7 +14,7 @@ from ..generate import encode_prompt
 from ..prompts import PromptTooLong, text_size
 from .context import Server, guarded
 from .errors import ApiError
-from .openai_common import ChunkStream, choice, finish_reason, stats
+from .openai_common import ChunkStream, choice, stats
 from .output import Delta, StopFilter
 from .schemas import CompletionRequest
 from .streaming import stream_response
@@ -67,7 +67,7 @@ def router(server: Server) -> APIRouter:
         if req.stream:
             return stream_response(gen, TextChunks(base, req.include_usage()))
         text = (await gen.collect()).content
-        choices = [choice("text", text, finish_reason(gen))]
+        choices = [choice("text", text, gen.finish_reason())]
         return JSONResponse({**base, "choices": choices, **stats(gen)})
 
     return api

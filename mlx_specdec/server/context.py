@@ -38,6 +38,7 @@ class ServerSettings:
     cors_origins: list[str] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)  # server defaults: temperature, ...
     raw_special_tokens: bool = False  # message content may carry the template's own tokens
+    response_store: int = 256  # responses kept for `previous_response_id` (0: none)
 
 
 @dataclass
@@ -63,13 +64,15 @@ class Server:
     def close(self) -> None:
         self._workers.shutdown(wait=False, cancel_futures=True)
 
-    def options(self, req: Any, max_tokens: int | None) -> dict[str, Any]:
+    def options(
+        self, req: Any, max_tokens: int | None, field: str = "max_tokens"
+    ) -> dict[str, Any]:
         """Generation options: the server's defaults, overridden by the request's sampling
-        fields that are set."""
+        fields that are set. `field` names the request's token limit in errors."""
         limit = self.settings.max_tokens_limit
         n = max_tokens or self.settings.default_max_tokens
         if n > limit:
-            raise ApiError(400, f"max_tokens is {n}, over this server's limit of {limit}")
+            raise ApiError(400, f"{field} is {n}, over this server's limit of {limit}")
         opts = {"max_new_tokens": n, **self.settings.sampling}
         for name in SAMPLING_FIELDS:
             value = getattr(req, name, None)

@@ -1,7 +1,8 @@
-"""Errors as OpenAI-style JSON answers: `ApiError` for the routes to raise, and the handlers that
-turn every expected failure (validation, HTTP) into `{"error": {...}}`. Messages name the field
-at fault in the request, never this server's code; unexpected failures are a bare "internal
-error" (the guard middleware answers those, see `app.py`)."""
+"""Errors as each API's JSON answers: `ApiError` for the routes to raise, and the handlers that
+turn every expected failure (validation, HTTP) into OpenAI's `{"error": {...}}`, or, under
+`/v1/messages`, Anthropic's `{"type": "error", "error": {...}}`. Messages name the field at fault
+in the request, never this server's code; unexpected failures are a bare "internal error" (the
+guard middleware answers those, see `app.py`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ BUSY, SHUTDOWN, GONE = "server_busy", "server_shutdown", "client_gone"
 # What a union field accepts, said once instead of one complaint per alternative.
 UNION_FIELDS = {
     "prompt": "must be a string, a list with one string, or a list of token ids",
-    "content": "must be a string or a list of text parts",
+    "content": "must be a string or a list of content parts",
+    "system": "must be a string or a list of text blocks",
+    "input": "must be a string or a list of items",
+    "output": "must be a string or a list of content parts",
     "stop": "must be a string or a list of strings",
     "tool_choice": "must be 'none', 'auto' or a function",
     "logprobs": "must be a boolean or an integer",
@@ -30,14 +34,35 @@ FRIENDLY = {
 }
 
 
+# Anthropic's error types: ours that differ, then by status.
+ANTHROPIC_TYPES = {BUSY: "overloaded_error", SHUTDOWN: "overloaded_error"}
+ANTHROPIC_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"  # the routes that answer Anthropic-style
+
+
 class ApiError(Exception):
-    """An OpenAI-style error answer."""
+    """An error answer; `param` and `code` are OpenAI's optional fields."""
 
     def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", **headers: str
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        **headers: str,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.headers = status, message, type_, headers
+        self.param, self.code = param, code
 
     @property
     def outcome(self) -> str:
@@ -46,7 +71,20 @@ class ApiError(Exception):
         return by_type.get(self.type, "error" if self.status >= 500 else "invalid")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": None, "code": None}}
+        """OpenAI's error object."""
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error}
+
+    def anthropic_body(self) -> dict:
+        """Anthropic's error object."""
+        kind = ANTHROPIC_TYPES.get(self.type) or ANTHROPIC_BY_STATUS.get(self.status)
+        kind = kind or ("api_error" if self.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def body_for(self, path: str) -> dict:
+        """The error object of the API that `path` belongs to."""
+        anthropic = path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+        return self.anthropic_body() if anthropic else self.body()
 
 
 def shutting_down(cut: bool = False) -> ApiError:
@@ -54,10 +92,9 @@ def shutting_down(cut: bool = False) -> ApiError:
     return ApiError(503, f"the server is shutting down: {what}", SHUTDOWN, **{"Retry-After": "5"})
 
 
-def error_response(
-    status: int, message: str, type_: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(ApiError(status, message, type_).body(), status, headers=headers)
+def error_response(status: int, message: str, type_: str, path: str = "") -> JSONResponse:
+    """An error answer for a request to `path`, in its API's format."""
+    return JSONResponse(ApiError(status, message, type_).body_for(path), status)
 
 
 def _where(loc: tuple) -> tuple[str, bool]:
@@ -101,11 +138,11 @@ def validation_message(e: RequestValidationError) -> str:
 
 
 def add_error_handlers(app: FastAPI, count: Callable[[Request, ApiError], None]) -> None:
-    """Answer errors as OpenAI does; `count` is told of each (the metrics)."""
+    """Answer errors as the request's API does; `count` is told of each (the metrics)."""
 
     def answer(request: Request, e: ApiError) -> JSONResponse:
         count(request, e)
-        return JSONResponse(e.body(), e.status, headers=e.headers or None)
+        return JSONResponse(e.body_for(request.url.path), e.status, headers=e.headers or None)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:

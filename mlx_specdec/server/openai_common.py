@@ -3,17 +3,13 @@ the chunk stream (`data:` events that end with the finish reason, usage and `[DO
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 from ..generate import GenerationResult
+from .errors import ApiError
 from .output import Delta
-from .streaming import DONE, Generation
-
-
-def sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"
+from .streaming import DONE, Generation, sse
 
 
 def choice(key: str, value: Any, finish: str | None) -> dict[str, Any]:
@@ -34,14 +30,6 @@ def usage(result: GenerationResult) -> dict[str, Any]:
 def stats(gen: Generation) -> dict[str, Any]:
     """The `usage` and `x_specdec` blocks of an answer's last body."""
     return {"usage": usage(gen.result), "x_specdec": gen.x_specdec()}
-
-
-def finish_reason(gen: Generation, tool_calls: int = 0) -> str:
-    if gen.stopped:
-        return "stop"
-    if tool_calls and gen.result.finish_reason == "stop":
-        return "tool_calls"
-    return gen.result.finish_reason
 
 
 class ChunkStream:
@@ -66,7 +54,7 @@ class ChunkStream:
         raise NotImplementedError
 
     def finish_reason(self, gen: Generation) -> str:
-        return finish_reason(gen)
+        return gen.finish_reason()
 
     def closing(self, gen: Generation) -> Iterator[str]:
         reason, last = self.finish_reason(gen), stats(gen)
@@ -75,4 +63,8 @@ class ChunkStream:
             yield sse({**self.base, "choices": [], **last})
         else:
             yield self.chunk(self.empty, reason, **last)
+        yield DONE
+
+    def error(self, e: ApiError) -> Iterator[str]:
+        yield sse(e.body())
         yield DONE

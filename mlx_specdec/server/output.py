@@ -51,12 +51,14 @@ def split_at_marker(text: str, markers: Sequence[str]) -> tuple[str, str | None,
 
 
 class StopFilter:
-    """Cuts the stream before the first stop sequence; `hit` tells the caller to stop generating."""
+    """Cuts the stream before the first stop sequence; `hit` tells the caller to stop generating,
+    `matched` which sequence it was (the Messages API reports it)."""
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.hit = False
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         if self.hit:
@@ -65,7 +67,7 @@ class StopFilter:
             return text
         safe, marker, self.held = split_at_marker(self.held + text, self.stops)
         if marker is not None:
-            self.hit, self.held = True, ""
+            self.hit, self.held, self.matched = True, "", marker
         return safe
 
     def flush(self) -> str:
@@ -124,7 +126,9 @@ class OutputSplitter:
 
     `in_reasoning` starts True when the prompt itself opened a thinking block. With `tools`
     None, tool-call markers are ordinary text. A tool block that does not parse (or is cut off
-    and still does not parse) is given back as content, so no text is lost.
+    and still does not parse) is given back as content, so no text is lost. After
+    `max_tool_calls` calls (a client that allows one call at a time) the output is over: `done`
+    turns True and later text is dropped, so the caller can stop generating.
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class OutputSplitter:
         in_reasoning: bool = False,
         tools: Sequence[dict[str, Any]] | None = None,
         extra_tool_format: tuple[str, str, ToolParser] | None = None,
+        max_tool_calls: int | None = None,
     ) -> None:
         self.tools = tools
+        self.max_tool_calls = max_tool_calls
         self.tool_formats = ([extra_tool_format] if extra_tool_format else []) + (
             TOOL_FORMATS if tools is not None else []
         )
@@ -152,16 +158,25 @@ class OutputSplitter:
             return [self.tool[1]]
         return [s for s, _ in THINK_FORMATS] + [s for s, _, _ in self.tool_formats]
 
+    @property
+    def done(self) -> bool:
+        """Whether the allowed tool calls have all been made (the answer ends there)."""
+        return self.max_tool_calls is not None and self.n_tool_calls >= self.max_tool_calls
+
     def feed(self, text: str) -> Delta:
         out = Delta()
+        if self.done:
+            return out
         self.held += text
-        while True:
+        while not self.done:
             safe, marker, rest = split_at_marker(self.held, self._markers())
             self._emit(out, safe)
             self.held = rest
             if marker is None:
                 return out
             self._enter(out, marker)
+        self.held = ""
+        return out
 
     def _emit(self, out: Delta, text: str) -> None:
         if self.tool is not None:
@@ -194,6 +209,8 @@ class OutputSplitter:
         except Exception:  # noqa: BLE001 - model text that is not a call stays visible as text
             self._emit(out, start + self.tool_text + (end if closed else ""))
             return
+        if self.max_tool_calls is not None:
+            calls = calls[: self.max_tool_calls - self.n_tool_calls]
         self.n_tool_calls += len(calls)
         out.tool_calls += calls
 
@@ -201,6 +218,8 @@ class OutputSplitter:
         """End of generation: release held text; a cut-off tool block is parsed if it can be."""
         out = Delta()
         held, self.held = self.held, ""
+        if self.done:
+            return out
         if self.tool is not None:
             self.tool_text += held
             self._close_tool(out, closed=False)

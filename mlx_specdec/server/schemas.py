@@ -34,56 +34,66 @@ def _shallow_json(text: str) -> str:
     return text
 
 
+def check_stops(stops: list[str], name: str = "stop") -> None:
+    """At most `MAX_STOP_SEQUENCES` stop sequences of 1 to `MAX_STOP_CHARS` characters."""
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"{name}: at most {MAX_STOP_SEQUENCES} sequences")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"{name}: each sequence must have 1 to {MAX_STOP_CHARS} characters")
+
+
 JsonObject = Annotated[dict[str, Any], AfterValidator(_shallow)]
 JsonText = Annotated[str, AfterValidator(_shallow_json)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]
 
 
-class _Request(BaseModel):
+class StrictModel(BaseModel):
+    """A request body, or a part of one: strict types, unknown fields ignored."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
-class StreamOptions(_Request):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class FunctionDef(_Request):
+class FunctionDef(StrictModel):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: JsonObject | None = None
 
 
-class Tool(_Request):
+class Tool(StrictModel):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class ToolChoiceFunction(_Request):
+class ToolChoiceFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(StrictModel):
     type: Literal["function"] = "function"
     function: ToolChoiceFunction
 
 
-class FunctionCall(_Request):
+class FunctionCall(StrictModel):
     name: str
     arguments: JsonText = "{}"
 
 
-class ToolCallIn(_Request):
+class ToolCallIn(StrictModel):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ContentPart(_Request):
+class ContentPart(StrictModel):
     type: str
     text: str | None = None
 
 
-class Message(_Request):
+class Message(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -92,16 +102,21 @@ class Message(_Request):
     reasoning_content: str | None = None
 
 
-class SamplingFields(_Request):
+class SamplingExtras(StrictModel):
+    """Sampling fields this server takes on every API, also where the API has none of them."""
+
+    top_k: int | None = Field(default=None, ge=0, le=MAX_INT, description="0: off")
+    min_p: float | None = Field(default=None, ge=0, lt=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="same seed, same output")
+
+
+class SamplingFields(SamplingExtras):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
     max_tokens: Count | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, le=MAX_INT, description="0: off")
-    min_p: float | None = Field(default=None, ge=0, lt=1)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -115,11 +130,7 @@ class SamplingFields(_Request):
     def _check(self) -> SamplingFields:
         if self.n != 1:
             raise ValueError("n: must be 1 (this server returns one choice per request)")
-        stops = self.stop_list()
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
-        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop: each sequence must have 1 to {MAX_STOP_CHARS} characters")
+        check_stops(self.stop_list())
         # Refused rather than ignored: a client asking for these would get something else.
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs: not supported")
@@ -143,6 +154,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Count | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(default=None, description="false: one call at most")
     enable_thinking: bool | None = None
     chat_template_kwargs: JsonObject | None = None
     response_format: JsonObject | None = None

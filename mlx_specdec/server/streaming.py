@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -27,6 +27,13 @@ from .errors import GONE, ApiError, shutting_down
 from .output import Delta, OutputSplitter, StopFilter
 
 DONE = "data: [DONE]\n\n"
+
+
+def sse(body: dict[str, Any], event: str | None = None) -> str:
+    """One server-sent event; `event` names it (Anthropic's and the Responses API's streams name
+    every event, OpenAI's chunk streams none)."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(body)}\n\n"
 
 
 def client_gone() -> ApiError:
@@ -90,8 +97,9 @@ class Generation:
     """One request's job on the engine, read as output `Delta`s; `result` is set once they end.
 
     Stop sequences are cut by `stops`; `splitter` (None: all text is content) separates reasoning
-    and tool calls. Leaving early (client gone) or hitting a stop sequence cancels the job: the
-    engine stops at its next round. A job a shutdown cut short ends in an error.
+    and tool calls. Leaving early (client gone), hitting a stop sequence or making the last tool
+    call allowed cancels the job: the engine stops at its next round. A job a shutdown cut short
+    ends in an error. `prompt_tokens` is the prompt's length.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class Generation:
     ) -> None:
         self.engine, self.request, self.job, self.first = engine, request, job, first
         self.stops, self.splitter, self.endpoint = stops, splitter, endpoint
+        self.prompt_tokens = len(job.ids)
         self.result: GenerationResult | None = None
         self.outcome: str | None = None
 
@@ -113,6 +122,22 @@ class Generation:
     def stopped(self) -> bool:
         """Whether a stop sequence ended the output."""
         return self.stops.hit
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known from the first output on)."""
+        if isinstance(self.first, GenerationResult):
+            return self.first.cached_tokens
+        return self.first.cache_info.get("cached_tokens", 0)
+
+    def finish_reason(self, tool_calls: int = 0) -> str:
+        """OpenAI's finish reason once the output ended: `stop` (an end token or a stop
+        sequence), `length`, or `tool_calls` when the answer made calls and ended on its own."""
+        if self.stopped:
+            return "stop"
+        if tool_calls and self.result.finish_reason == "stop":
+            return "tool_calls"
+        return self.result.finish_reason
 
     def _split(self, text: str) -> Delta:
         return self.splitter.feed(text) if self.splitter else Delta(content=text)
@@ -134,23 +159,25 @@ class Generation:
                         yield delta
                     self.result = item
                     return
-                text = self.stops.feed(item.text)
-                if self.stops.hit:
+                delta = self._split(self.stops.feed(item.text))
+                if self.stops.hit or (self.splitter and self.splitter.done):
                     self.job.cancel.set()
-                delta = self._split(text)
                 if delta:
                     yield delta
                 item = await self.job.out.get()
         finally:
             self.job.cancel.set()
 
-    async def collect(self) -> Delta:
-        """The whole output, for a non-streamed answer; a client that leaves meanwhile cancels
-        the job. An error is left for the error handlers to count."""
+    async def collect(self, sink: Callable[[Delta], Any] | None = None) -> Delta:
+        """The whole output, for a non-streamed answer (each delta also goes to `sink`, if
+        given); a client that leaves meanwhile cancels the job. An error is left for the error
+        handlers to count."""
         out = Delta()
         async with watch_disconnect(self.request, self.job) as gone:
             async for delta in self.deltas():
                 out.merge(delta)
+                if sink is not None:
+                    sink(delta)
         self.finish("disconnected" if gone.is_set() else "ok")
         return out
 
@@ -191,6 +218,10 @@ class EventFormat(Protocol):
         """Events after the output; `gen.result` is set."""
         ...
 
+    def error(self, e: ApiError) -> Iterable[str]:
+        """The last events of a stream an error ended (a shutdown)."""
+        ...
+
 
 class _EventStream(StreamingResponse):
     """A streamed answer that counts its request even when it never started to send (the
@@ -209,8 +240,8 @@ class _EventStream(StreamingResponse):
 
 def stream_response(gen: Generation, fmt: EventFormat) -> StreamingResponse:
     """The generation as server-sent events. A client that leaves cancels the job and is counted
-    as "disconnected"; an error after the first event (a shutdown) is the last event, then
-    `[DONE]`."""
+    as "disconnected"; an error after the first event (a shutdown) ends the stream with the
+    format's error events."""
 
     async def events() -> AsyncIterator[str]:
         outcome = "disconnected"
@@ -223,8 +254,8 @@ def stream_response(gen: Generation, fmt: EventFormat) -> StreamingResponse:
             outcome = "ok"
         except ApiError as e:
             outcome = e.outcome
-            yield f"data: {json.dumps(e.body())}\n\n"
-            yield DONE
+            for event in fmt.error(e):
+                yield event
         finally:
             gen.finish(outcome)
         if outcome == "ok":
