@@ -89,6 +89,13 @@ def resolve_draft_cap(target, drafter, max_draft: int | str | None) -> int | Non
 
     if max_draft == "auto" and drafter is not None and not drafter.tap_ids:
         return None  # no taps (lookup): no drafter cost to model; it sizes its own rounds
+    if getattr(target, "group", None) is not None:  # split: every rank must use one cap
+        from .distributed import agreed_draft_cap
+
+        folder = cap_cache_folder()
+        return agreed_draft_cap(
+            target, drafter, max_draft, cap_cache=cache_file(folder), notify=_note
+        )
     if drafter is None or max_draft != "auto":
         return resolve_max_draft(target, drafter, max_draft)
     said: list[str] = []
@@ -128,15 +135,21 @@ def load_pair_from_args(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     the environment's switches; then says on stderr what BLAS a CPU run uses."""
     from .loading import load_pair
 
-    loaded = load_pair(
-        args.model,
-        args.drafter,
+    options = dict(
         mode=args.mode,
         drafter_bits=args.drafter_bits,
         confidence_threshold=getattr(args, "confidence_threshold", 0.0),
         lookup=getattr(args, "lookup", False),
         **target_switches(),
     )
+    if getattr(args, "sharding", None):  # a target split across an mlx.launch's processes
+        from .distributed import load_pair_sharded
+
+        loaded = load_pair_sharded(
+            args.sharding, args.model, args.drafter, rank_timeout=args.rank_timeout, **options
+        )
+    else:
+        loaded = load_pair(args.model, args.drafter, **options)
     if loaded[2] is not None and (line := blas_line()):
         _note(line)
     if getattr(args, "exact", False):
@@ -179,6 +192,25 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "32 on the CPU backend, where quantized matmuls are slow)",
     )
     add_exact_argument(p)
+    add_sharding_arguments(p)
+
+
+def add_sharding_arguments(p: argparse.ArgumentParser) -> None:
+    """Split the target across the processes of `mlx.launch` (docs/distributed.md)."""
+    p.add_argument(
+        "--sharding",
+        choices=["tensor", "pipeline"],
+        help="under mlx.launch: split the target across the ranks, tensor (each layer) or "
+        "pipeline (runs of layers) parallel, through mlx-lm's sharded_load",
+    )
+    p.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --sharding: give up, with one line, when another rank has not answered for "
+        "this long (it died or hangs)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -395,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and args.command in COMPUTING:
         restart_with_openblas()
     try:
+        if getattr(args, "sharding", None):  # one rank of an mlx.launch
+            from .distributed import run_sharded
+
+            return run_sharded(args.func, args)
         return args.func(args)
     except SpecDecError as e:
         print(f"mlx-specdec: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +289,7 @@ def load_pair(
     lookup: bool = False,
     stand_ins: bool | None = None,
     padded_attention: bool | None = None,
+    target_loader: Callable[..., tuple[Target, Any]] | None = None,
     exact: bool = False,
 ) -> tuple[Target, Any, Drafter | None, PairConfig]:
     """Load a target and its drafter: `(target, tokenizer, drafter, config)`.
@@ -299,7 +301,8 @@ def load_pair(
     rounds with a long match use the lookup draft instead (no drafter known: lookup alone).
     `drafter_bits` defaults to `default_drafter_bits()`. `confidence_threshold` as in
     `load_drafter`; `stand_ins` and `padded_attention` as in `Target` (None: the defaults).
-    With no `model`, the embedded demo pair.
+    With no `model`, the embedded demo pair. `target_loader` replaces `load_target` (same
+    arguments), e.g. `distributed.load_sharded_target` for a target split across processes.
     `exact` turns on `Target.use_exact` (verify rows bit-identical to plain decoding).
     """
     if drafter_bits is None:
@@ -321,7 +324,8 @@ def load_pair(
             f"no {resolved_mode} drafter is known for '{model}'; pass --drafter REPO_OR_PATH, or "
             "use --mode auto (see `mlx-specdec models`)"
         )
-    target, tokenizer = load_target(model, stand_ins=stand_ins, padded_attention=padded_attention)
+    load = target_loader or load_target
+    target, tokenizer = load(model, stand_ins=stand_ins, padded_attention=padded_attention)
     if exact:
         target.use_exact()
     config = PairConfig(mode=resolved_mode, target=model)

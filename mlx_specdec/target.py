@@ -156,6 +156,7 @@ class Target:
         probe = mx.array([[1, 2, 3]])
         try:
             ours = self.head(self.inner(probe, cache=None))
+            mx.eval(ours)  # one forward at a time: a split model's collectives pair up in order
             theirs = self.model(probe)
         except Exception as e:  # noqa: BLE001 - any failure here means an unsupported layout
             raise SpecDecError(
@@ -191,6 +192,8 @@ class Target:
                 )
         for i in ids:
             layer = self.layers[i]  # our copy's layer: the caller's model is never tapped
+            if layer is None:  # another rank's pipeline stage (distributed.ShardedTarget)
+                continue
             if type(layer) not in _TAPPED_CLASSES.values():
                 layer.__class__ = _tapped_class(type(layer))
             layer._tap_sink = self._sink
