@@ -459,7 +459,7 @@ def measure_batch_costs(
     verify forward of `rows` x K tokens, K = 1..max_draft+1, and one drafter call for all rows
     per cap. Times are per round: the model's tok/s, times `rows`, is the batch's."""
     from .drafters.batched import batched, propose_each, propose_rows
-    from .rows import RowRNG, forward_rows, make_row_cache, prepare
+    from .rows import RowRNG, batch_kv, forward_rows, make_row_cache, prepare
 
     prepare(target)
     widths = range(1, drafter.max_draft + 2)
@@ -467,20 +467,18 @@ def measure_batch_costs(
     ids = mx.random.randint(0, target.vocab_size, (context_len,), key=mx.random.key(0))
     first = make_row_cache(target)
     _, taps = target.prefill(ids.astype(mx.int32), first)
-    caches = [first] + [make_row_cache(target) for _ in range(rows - 1)]
-    for c in caches[1:]:  # copies of the first row's context (arrays of their own)
-        for mine, theirs in zip(c, first):
-            mine.keys, mine.values, mine.offset = theirs.keys * 1, theirs.values * 1, theirs.offset
-    mx.eval([layer.state for c in caches for layer in c])
+    kv = batch_kv([first] * rows, len(first))  # rows of the same context
+    mx.eval([layer.state for layer in kv])
 
     def verify(k: int) -> Callable[[], Any]:
         tokens = mx.broadcast_to(ids[:k].astype(mx.int32), (rows, k))
 
         def run() -> list[mx.array]:
-            out = list(forward_rows(target, tokens, caches, [k] * rows))
+            out = list(forward_rows(target, tokens, kv))
             mx.eval(out)
-            for c in caches:
-                Target.rollback(c, k)
+            for layer in kv:
+                for row in range(rows):
+                    layer.trim(row, k)
             return out
 
         return run

@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from .drafters import batched as drafting
 from .errors import SpecDecError
-from .rows import RowRNG, forward_rows, make_row_cache, prepare
+from .rows import BatchKV, RowRNG, forward_rows, make_row_cache, prepare
 from .sampling import SamplingParams, sample, verify
 from .speculate import Round, check_max_draft
 from .target import PREFILL_STEP, Target
@@ -67,7 +67,7 @@ class _Row:
     uid: int
     request: Request
     cap: int
-    cache: list[Any]
+    cache: list[Any] | None  # its own, while its prompt is prefilled (then in the batch's)
     state: list[Any]
     rng: RowRNG
     prompt: mx.array
@@ -119,6 +119,8 @@ class BatchDecoder:
         self.target, self.drafter = target, drafter
         self.prefill_chunk, self.cap_for = prefill_chunk, cap_for
         self.rows: dict[int, _Row] = {}
+        self.kv: list[BatchKV] = []  # the target's caches of the decoding rows, in `order`
+        self.order: list[int] = []
         self._uids = itertools.count()
         self._batched = drafter is not None and drafting.batched(drafter)
 
@@ -148,6 +150,21 @@ class BatchDecoder:
     def drop(self, uid: int) -> None:
         """Forget a request now (cancelled, client gone): its row is free for the next step."""
         self.rows.pop(uid, None)
+        if uid in self.order:
+            keep = [i for i, u in enumerate(self.order) if u != uid]
+            for kv in self.kv:
+                kv.keep(keep)
+            self.order.remove(uid)
+
+    def _join(self, row: _Row) -> None:
+        """A prefilled row's cache joins the batch's."""
+        if not self.kv:
+            self.kv = [BatchKV() for _ in row.cache]
+        for kv, c in zip(self.kv, row.cache):
+            kv.append(c)
+        mx.eval([kv.state for kv in self.kv])
+        self.order.append(row.uid)
+        row.cache = None
 
     def step(self) -> list[Event]:
         events = []
@@ -155,16 +172,15 @@ class BatchDecoder:
         if joining is not None:
             events += self._prefill(joining)
             self._forget(events)
-        decoding = [r for r in self.rows.values() if r.decoding]
-        if decoding:
-            events += self._round(decoding)
+        if self.order:
+            events += self._round([self.rows[u] for u in self.order])
             self._forget(events)
         return events
 
     def _forget(self, events: list[Event]) -> None:
         for e in events:
             if e.finished:
-                self.rows.pop(e.uid, None)
+                self.drop(e.uid)
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, row: _Row) -> list[Event]:
@@ -173,9 +189,13 @@ class BatchDecoder:
         start, end = row.prefilled, row.ends.pop(0)
         row.prefilled = end
         logits, taps = self.target(row.prompt[start:end], row.cache, last_only=True)
+        if taps is not None and self._batched:  # the drafter reads the chunk now
+            drafting.ingest(self.drafter, row.state, taps)
+            taps = taps[:0]
         if taps is not None:
             row.taps.append(taps)
-        mx.eval([c.state for c in row.cache] + row.taps[-1:] + [logits])
+        held = row.cache + (row.state if self._batched else [])
+        mx.eval([c.state for c in held] + row.taps[-1:] + [logits])
         if row.ends:
             return []
         params = row.request.params
@@ -187,6 +207,8 @@ class BatchDecoder:
         row.context = mx.concatenate(row.taps, axis=0) if row.taps else None
         row.taps = []
         row.next_tokens = mx.concatenate([row.prompt[1:], first])
+        if not done:
+            self._join(row)
         return [Event(row.uid, [token], None, done)]
 
     # ------------------------------------------------------------------ a round
@@ -235,13 +257,13 @@ class BatchDecoder:
         drafts, qs = self._propose(rows, ns)
         width = drafts.shape[1]
         ids = mx.concatenate([mx.stack([a[0] for a in anchors])[:, None], drafts], axis=1)
-        lengths = [n + 1 for n in ns]
-        logits, taps = forward_rows(self.target, ids, [r.cache for r in rows], lengths)
+        logits, taps = forward_rows(self.target, ids, self.kv)
         accepted, bonus = self._verify(rows, ns, drafts, qs, logits)
         mx.eval(accepted, bonus, drafts)  # the round's one host sync
         accepted, bonus, proposed = accepted.tolist(), bonus.tolist(), drafts.tolist()
         return [
             self._commit(
+                i,
                 row,
                 proposed[i][: ns[i]],
                 accepted[i],
@@ -279,6 +301,7 @@ class BatchDecoder:
 
     def _commit(
         self,
+        index: int,
         row: _Row,
         proposed: list[int],
         accepted: int,
@@ -295,7 +318,8 @@ class BatchDecoder:
             if t in row.request.eos_ids:
                 committed, accepted, finished = committed[: i + 1], min(accepted, i + 1), True
                 break
-        Target.rollback(row.cache, written - len(committed))
+        for kv in self.kv:  # the batch's cache keeps [anchor, *committed[:-1]] of this row
+            kv.trim(index, written - len(committed))
         row.produced += len(committed)
         finished = finished or row.produced >= row.request.max_new_tokens
         new = mx.array(committed, dtype=mx.int32)

@@ -1,115 +1,117 @@
 """One target forward for many sequences, each row computed exactly as it is alone.
 
-A batched verify runs B sequences of T tokens through the target at once, but each sequence has
-its own context length and verifies its own number of tokens (`lengths`). What is shared is what
-is row-wise: projections, norms, RoPE, MLP and head over the [B, T] tokens. Attention is not
-shared: each row's queries (its first `lengths[b]` only) attend over its own KV cache, one call
-per row with exactly the shapes and mask the same sequence's forward has when it runs alone.
-So on a backend whose matmuls are row-invariant (MLX's CPU backend: a row's result does not
-depend on how many rows the call has), every row's logits and taps are bitwise its solo ones.
-On GPUs the matmul kernel changes with the row count; there it is measured, not promised.
+A batched verify runs B sequences of T tokens through the target at once; each sequence has its
+own context length, and verifies its own number of tokens (the rest of its T positions are
+rolled back). Every target layer gets a `BatchKV`: one key/value buffer for all rows, row b's
+positions at 0..offsets[b]-1 (right padding after them), written at each row's own offset, and
+an attention mask that shows each query its own row's causal prefix only.
 
-How: each target layer gets a `RowCaches`, which holds one mlx-lm `KVCache` per row (so each
-row rolls back, joins and leaves on its own). Its `update_and_fetch` writes each row into its own
-cache and hands back the new keys as a token; the target's attention classes (swapped once,
-`prepare`) look the token up when they call mlx-lm's `scaled_dot_product_attention` and run it
-per row. Outside a batched forward the swapped classes do exactly what they did.
+Why the rows are exact: on MLX's CPU backend matmuls are row-invariant (a row's result does not
+depend on how many rows the call has), and attention of a query over a padded, masked key
+buffer is bitwise attention over its own keys alone (tests/test_batch.py checks it for ragged
+lengths). So every row's logits and taps are its solo forward's, and a row's draws are its own
+(`RowRNG`). On GPUs the kernels change with the row count; there it is measured, not promised.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from .errors import SpecDecError
-from .exact import SDPA, _calls_sdpa
-from .recurrent import RecurrentCache, _rebound
+from .recurrent import RecurrentCache
 from .target import Target
 
-# keys array id -> (per-row (keys, values) views, per-row masks, per-row lengths, row caches)
-_ROWS: dict[int, tuple[list[tuple[mx.array, mx.array]], list[Any], list[int], list[Any]]] = {}
 
+class BatchKV:
+    """One layer's keys and values for B rows: [B, heads, capacity, dim], row b's first
+    `offsets[b]` positions valid. Rows roll back on their own (`trim`), join (`append`, a row
+    prefilled alone) and leave (`keep`)."""
 
-class RowMasks(list):
-    """Per-row attention masks, each as the row's own cache makes it (None, "causal" or an
-    array). Passed through the model as its `mask`; only the per-row attention reads it."""
+    step = 256
 
-
-class RowCaches:
-    """One layer's cache for a batched forward: a `KVCache` per row; row b takes `lengths[b]`
-    of the forward's T tokens (its other positions are written, then rolled back)."""
-
-    def __init__(self, rows: Sequence[KVCache], lengths: Sequence[int]) -> None:
-        self.rows, self.lengths = list(rows), list(lengths)
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offsets: list[int] = []
 
     @property
     def offset(self) -> mx.array:
-        """Each row's position (RoPE reads it per row of the batch)."""
-        return mx.array([c.offset for c in self.rows], dtype=mx.int32)
+        """Each row's position (RoPE reads it per row)."""
+        return mx.array(self.offsets, dtype=mx.int32)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def _room(self, n: int) -> int:
+        need = -(-(max(self.offsets) + n) // self.step) * self.step
+        return max(self.capacity, need)
+
+    def _grow(self, capacity: int) -> None:
+        if self.keys is None or capacity <= self.capacity:
+            return
+        b, h, _, d = self.keys.shape
+        pad = (b, h, capacity - self.capacity)
+        self.keys = mx.concatenate([self.keys, mx.zeros((*pad, d), self.keys.dtype)], axis=2)
+        dv = self.values.shape[3]
+        self.values = mx.concatenate([self.values, mx.zeros((*pad, dv), self.values.dtype)], 2)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Any:
-        return RowMasks(
-            c.make_mask(n, return_array=return_array, window_size=window_size)
-            for c, n in zip(self.rows, self.lengths)
-        )
+        """[B, 1, N, capacity]: query i of row b sees that row's keys up to its own position."""
+        query = self.offset[:, None, None, None] + mx.arange(N)[:, None]
+        key = mx.arange(self._room(N))
+        visible = key <= query
+        if window_size is not None:
+            visible = visible & (key > query - window_size)
+        return visible
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        views = [
-            c.update_and_fetch(keys[b : b + 1], values[b : b + 1]) for b, c in enumerate(self.rows)
-        ]
-        _ROWS[id(keys)] = (views, [], self.lengths, self.rows)
-        return keys, values
+        n = keys.shape[2]
+        self._grow(self._room(n))
+        at = (self.offset[:, None] + mx.arange(n))[:, None, :, None]
+        self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(at, keys.shape), keys, axis=2)
+        at = mx.broadcast_to(at, values.shape)
+        self.values = mx.put_along_axis(self.values, at, values, axis=2)
+        self.offsets = [o + n for o in self.offsets]
+        return self.keys, self.values
 
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
 
-def _per_row(scope: dict[str, Any]) -> Callable[..., mx.array]:
-    """mlx-lm's attention function as `scope` names it, one call per row when its keys came from
-    `RowCaches`; unchanged otherwise."""
-    import inspect
+    def trim(self, row: int, n: int) -> None:
+        self.offsets[row] -= n
 
-    signature = inspect.signature(scope[SDPA])
+    def append(self, cache: KVCache) -> None:
+        """Add a row: the first `cache.offset` positions of a cache filled alone."""
+        n = cache.offset
+        k, v = cache.keys[..., :n, :], cache.values[..., :n, :]
+        if self.keys is None:
+            self.keys, self.values, self.offsets = k, v, [n]
+            self._grow(-(-n // self.step) * self.step)
+            return
+        self._grow(-(-n // self.step) * self.step)
+        pad = self.capacity - n
+        if pad:
+            k = mx.concatenate([k, mx.zeros((*k.shape[:2], pad, k.shape[3]), k.dtype)], axis=2)
+            v = mx.concatenate([v, mx.zeros((*v.shape[:2], pad, v.shape[3]), v.dtype)], axis=2)
+        self.keys = mx.concatenate([self.keys, k])
+        self.values = mx.concatenate([self.values, v])
+        self.offsets.append(n)
 
-    def call(*args: Any, **kwargs: Any) -> mx.array:
-        sdpa = scope[SDPA]
-        given = signature.bind(*args, **kwargs).arguments
-        found = _ROWS.get(id(given["keys"]))
-        if found is None:
-            return sdpa(*args, **kwargs)
-        views, _, lengths, caches = found
-        masks = given.get("mask")
-        queries = given["queries"]
-        out = []
-        for b, ((k, v), n, c) in enumerate(zip(views, lengths, caches)):
-            # The row's own query count and keys: the shapes of its solo forward.
-            keys = c.offset - queries.shape[2] + n
-            one = given | {
-                "queries": queries[b : b + 1, :, :n],
-                "keys": k[..., :keys, :],
-                "values": v[..., :keys, :],
-                "cache": c,
-                "mask": masks[b] if isinstance(masks, RowMasks) else masks,
-            }
-            o = sdpa(**one)
-            if n < queries.shape[2]:  # positions past the row's length: never read
-                pad = mx.zeros((*o.shape[:2], queries.shape[2] - n, o.shape[3]), o.dtype)
-                o = mx.concatenate([o, pad], axis=2)
-            out.append(o)
-        return mx.concatenate(out, axis=0)
-
-    return call
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _row_attention(base: type) -> type:
-    if base not in _CLASSES:
-        method = base.__call__
-        wrapped = _rebound(method, SDPA, _per_row(method.__globals__))
-        _CLASSES[base] = type(f"PerRow{base.__name__}", (base,), {"__call__": wrapped})
-    return _CLASSES[base]
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep these rows, in this order (the others leave)."""
+        if not rows:
+            self.keys = self.values = None
+            self.offsets = []
+            return
+        index = mx.array(list(rows), dtype=mx.int32)
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.offsets = [self.offsets[i] for i in rows]
 
 
 def refusal(target: Target) -> str | None:
@@ -124,53 +126,38 @@ def refusal(target: Target) -> str | None:
 
 
 def prepare(target: Target) -> None:
-    """Swap the target's attention classes (its own weight-sharing copy) for per-row ones once;
-    refuse what batching does not cover, in one line."""
+    """Refuse, in one line, a target batching does not cover."""
     why = refusal(target)
     if why:
         raise SpecDecError(why)
-    if getattr(target, "_rows_ready", False):
-        return
-    hooked = 0
-    for _, module in target.inner.named_modules():
-        cls = type(module)
-        if cls in _CLASSES.values():
-            hooked += 1
-        elif _calls_sdpa(cls):
-            module.__class__ = _row_attention(cls)
-            hooked += 1
-    if not hooked:
-        raise SpecDecError(
-            f"{target.name}: no attention layer calls mlx-lm's attention function, so rows "
-            "cannot attend apart; use --max-batch 1"
-        )
-    target._rows_ready = True
 
 
 def make_row_cache(target: Target) -> list[KVCache]:
-    """One sequence's target cache: a plain `KVCache` per layer (what the solo loop keeps on the
-    CPU), which a batched forward writes through `RowCaches`."""
+    """One sequence's cache for its prefill alone: a plain `KVCache` per layer (what the solo
+    loop keeps on the CPU), moved into the batch's `BatchKV`s once it is filled."""
     cache = target.make_cache(padded=False)
-    if any(type(c) is not KVCache for c in cache) or any(
-        isinstance(c, RecurrentCache) for c in cache
-    ):
+    if any(type(c) is not KVCache or isinstance(c, RecurrentCache) for c in cache):
         raise SpecDecError(
             f"{target.name}: batching needs plain KV caches on every layer; use --max-batch 1"
         )
     return cache
 
 
+def batch_kv(rows: Sequence[list[KVCache]], layers: int) -> list[BatchKV]:
+    """The batch's caches holding these rows (each a cache list filled alone)."""
+    out = [BatchKV() for _ in range(layers)]
+    for cache in rows:
+        for kv, c in zip(out, cache):
+            kv.append(c)
+    return out
+
+
 def forward_rows(
-    target: Target, ids: mx.array, caches: Sequence[list[KVCache]], lengths: Sequence[int]
+    target: Target, ids: mx.array, kv: list[BatchKV]
 ) -> tuple[mx.array, mx.array | None]:
-    """ids [B, T] on top of each row's cache -> (logits [B, T, V], taps [B, T, m*H]); row b
-    counts its first `lengths[b]` tokens (the rest is padding to roll back)."""
-    layers = [RowCaches([c[i] for c in caches], lengths) for i in range(len(caches[0]))]
-    try:
-        h, taps = target._forward(ids, layers)
-        return target.head(h), taps
-    finally:
-        _ROWS.clear()
+    """ids [B, T] on top of the batch's caches -> (logits [B, T, V], taps [B, T, m*H])."""
+    h, taps = target._forward(ids, kv)
+    return target.head(h), taps
 
 
 class RowRNG:

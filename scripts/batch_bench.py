@@ -3,8 +3,8 @@
     python scripts/batch_bench.py                 # both tables
     python scripts/batch_bench.py --rows 1,2,4,8 --tokens 96
 
-1. Aggregate tok/s of B requests decoded together (`batch.generate_batch`) at every draft cap
-   0..max (0 = plain batched decoding, no drafter call), next to the same B requests run one
+1. Aggregate tok/s of B requests decoded together (`batch.generate_batch`) at draft caps
+   (`--caps`; 0 = plain batched decoding, no drafter call), next to the same B requests run one
    after another through `speculate` (ours unbatched): where speculation stops paying as B
    grows is the crossover the cost model (`autocap.batch_caps`) has to find.
 2. The decode gap a joining prompt causes: the longest wait between two rounds of requests
@@ -30,8 +30,7 @@ def demo_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
     return [tokenizer.encode(json.loads(line)["prompt"]) for line in lines[:n]]
 
 
-def throughput(target, drafter, prompts, rows: list[int], tokens: int) -> None:  # noqa: ANN001
-    caps = list(range(0, drafter.max_draft + 1))
+def throughput(target, drafter, prompts, rows: list[int], tokens: int, caps: list[int]) -> None:  # noqa: ANN001
     print("| rows | unbatched (speculate) | " + " | ".join(f"cap {c}" for c in caps) + " |")
     print("|---" * (len(caps) + 2) + "|")
     for b in rows:
@@ -74,12 +73,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--caps", default="0,1,3,5,7", help="draft caps to time (0: plain batched)")
     p.add_argument("--long-prompt", type=int, default=1536)
     args = p.parse_args()
     target, tokenizer, drafter, _ = load_pair(mode="dspark")
     rows = [int(r) for r in args.rows.split(",")]
     prompts = demo_prompts(tokenizer, max(rows))
-    throughput(target, drafter, prompts, rows, args.tokens)
+    caps = [int(c) for c in args.caps.split(",")]
+    throughput(target, drafter, prompts, rows, args.tokens, caps)
     print()
     print("| joining prompt | prefill | longest decode gap (ms) |")
     print("|---|---|---|")

@@ -136,11 +136,22 @@ def run(
     ]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        if (m := rss_mb(args.pid)) is not None:
-            memory.append(m)
-        time.sleep(1.0)
-    return tally, time.perf_counter() - t0, memory
+    done = threading.Event()
+
+    def sample_memory() -> None:  # the server's RSS once a second, beside the clients
+        while not done.is_set():
+            if (m := rss_mb(args.pid)) is not None:
+                memory.append(m)
+            done.wait(1.0)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0  # from the first request to the last answer
+    done.set()
+    sampler.join()
+    return tally, seconds, memory
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -157,3 +157,36 @@ def test_refusals_are_one_line(demo):
     exact_target.use_exact()
     with pytest.raises(SpecDecError, match="--exact"):
         BatchDecoder(exact_target, None)
+
+
+def test_padded_attention_is_each_row_alone():
+    """What `rows.BatchKV` relies on: on this backend, one attention call over rows of ragged
+    lengths in a padded buffer (masked, stale values in the padding) gives each row bitwise
+    its own call's output."""
+    import random
+
+    import mlx.core as mx
+
+    rng = random.Random(1)
+    mx.random.seed(1)
+    for _ in range(20):
+        b, t = rng.choice([2, 3, 8]), rng.choice([1, 2, 8])
+        lengths = [rng.randint(t, 600) for _ in range(b)]
+        used = [rng.randint(1, t) for _ in range(b)]
+        width = max(lengths)
+        q = mx.random.normal((b, 4, t, 64))
+        k, v = mx.random.normal((b, 2, width, 64)), mx.random.normal((b, 2, width, 64))
+        at = mx.array([[n - t + i for i in range(t)] for n in lengths])[:, None, :, None]
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=0.125, mask=mx.arange(width) <= at
+        )
+        for r in range(b):
+            n, keys = used[r], lengths[r] - t + used[r]
+            alone = mx.fast.scaled_dot_product_attention(
+                q[r : r + 1, :, :n],
+                k[r : r + 1, :, :keys],
+                v[r : r + 1, :, :keys],
+                scale=0.125,
+                mask="causal" if n > 1 else None,
+            )
+            assert mx.array_equal(out[r : r + 1, :, :n], alone).item()

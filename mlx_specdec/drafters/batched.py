@@ -69,6 +69,15 @@ def _layers(
     return x
 
 
+def ingest(drafter: Any, state: list[KVCache], taps: mx.array) -> None:
+    """Project a prompt chunk's taps [c, m*H] into a parallel drafter's context caches, as its
+    first `propose` would: a joining prompt's drafter context is built chunk by chunk with its
+    prefill, not in the round after it (the context projection is row-wise, so it is the same)."""
+    c = drafter.hidden_norm(drafter.fc(taps))[None]
+    for layer, cache in zip(drafter.layers, state):
+        cache.update_and_fetch(*layer.self_attn.keys_values(c, cache.offset))
+
+
 def _contexts(drafter: Any, contexts: Sequence[mx.array]) -> list[mx.array]:
     """Each row's new taps [c_r, m*H] -> normed context [1, c_r, H], in one projection."""
     sizes = [c.shape[0] for c in contexts]
