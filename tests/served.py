@@ -84,11 +84,11 @@ def serve(engine: Engine, **settings: Any) -> Iterator[str]:
         thread.join(timeout=20)
 
 
-def pair_engine(pair: tuple) -> Engine:
+def pair_engine(pair: tuple, prefix_cache: bool = True) -> Engine:
     """An engine on the loaded pair, the full draft block (as `speculative_generate`), with a
-    prefix cache."""
+    prefix cache unless told otherwise (every prompt then prefilled as a cold run does it)."""
     target, tokenizer, drafter, config = pair
-    cache = PrefixCache(max_ram_mb=256, spill_dir=None)
+    cache = PrefixCache(max_ram_mb=256, spill_dir=None) if prefix_cache else None
     return Engine(target, tokenizer, drafter, config, max_queue=4, prefix_cache=cache)
 
 

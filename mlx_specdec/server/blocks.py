@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .output import Delta, ToolCall
 
@@ -21,16 +21,19 @@ class Block:
     index: int  # its place in the answer
     text: str = ""  # reasoning or text so far
     call: ToolCall | None = None  # a tool call's block
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # a text block's tokens'
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # for APIs that name items
 
 
 @dataclass(frozen=True)
 class Step:
-    """What happened to a block: `start`, `text` (`piece` appended) or `stop`."""
+    """What happened to a block: `start`, `text` (`piece` appended, with its tokens' `logprobs`
+    when they were asked for) or `stop`."""
 
     what: Literal["start", "text", "stop"]
     block: Block
     piece: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Blocks:
@@ -50,7 +53,9 @@ class Blocks:
                 self.open = self._new(kind)
                 yield Step("start", self.open)
             self.open.text += text
-            yield Step("text", self.open, text)
+            scores = delta.logprobs if kind == "text" else []
+            self.open.logprobs += scores
+            yield Step("text", self.open, text, scores)
         for call in delta.tool_calls:
             yield from self.close()
             block = self._new("tool_call", call)

@@ -63,6 +63,11 @@ def chat_conversation(req: ChatCompletionRequest) -> Conversation:
     )
 
 
+def content_logprobs(delta: Delta, asked: bool) -> dict[str, Any] | None:
+    """A choice's `logprobs`: the answer text's token entries, when they were asked for."""
+    return {"content": delta.logprobs} if asked else None
+
+
 def assistant_message(out: Delta) -> dict[str, Any]:
     """The assistant message of a non-streamed answer."""
     msg: dict[str, Any] = {"role": "assistant", "content": out.content}
@@ -80,8 +85,8 @@ class ChatChunks(ChunkStream):
 
     key, empty = "delta", {}
 
-    def __init__(self, base: dict[str, Any], include_usage: bool) -> None:
-        super().__init__({**base, "object": "chat.completion.chunk"}, include_usage)
+    def __init__(self, base: dict[str, Any], *args: Any) -> None:
+        super().__init__({**base, "object": "chat.completion.chunk"}, *args)
         self.n_calls = 0
 
     def opening(self) -> Iterator[str]:
@@ -98,7 +103,7 @@ class ChatChunks(ChunkStream):
                 c.to_openai(self.n_calls + i) for i, c in enumerate(delta.tool_calls)
             ]
             self.n_calls += len(delta.tool_calls)
-        yield self.chunk(out)
+        yield self.chunk(out, logprobs=content_logprobs(delta, self.top_logprobs is not None))
 
     def finish_reason(self, gen: Generation) -> str:
         return gen.finish_reason(self.n_calls)
@@ -119,13 +124,15 @@ def router(server: Server) -> APIRouter:
             "model": server.settings.model_name,
         }
         if req.stream:
-            return stream_response(gen, ChatChunks(base, req.include_usage()))
+            top = req.logprob_options().get("top_logprobs")
+            return stream_response(gen, ChatChunks(base, req.include_usage(), top))
         out = await gen.collect()
         reason = gen.finish_reason(len(out.tool_calls))
+        scores = content_logprobs(out, bool(req.logprobs))
         body = {
             **base,
             "object": "chat.completion",
-            "choices": [choice("message", assistant_message(out), reason)],
+            "choices": [choice("message", assistant_message(out), reason, scores)],
         }
         return JSONResponse({**body, **stats(gen)})
 

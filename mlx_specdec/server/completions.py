@@ -14,6 +14,7 @@ from ..generate import encode_prompt
 from ..prompts import PromptTooLong, text_size
 from .context import Server, guarded
 from .errors import ApiError
+from .logprobs import legacy
 from .openai_common import ChunkStream, choice, stats
 from .output import Delta, StopFilter
 from .schemas import CompletionRequest
@@ -42,9 +43,14 @@ def prompt_ids(tokenizer: Any, req: CompletionRequest, max_bytes: int | None) ->
 
 class TextChunks(ChunkStream):
     key, empty = "text", ""
+    offset = 0  # where the next piece's tokens start in the text
 
     def piece(self, delta: Delta) -> Iterator[str]:
-        yield self.chunk(delta.content)
+        scores = None
+        if self.top_logprobs is not None:
+            scores = legacy(delta.logprobs, self.top_logprobs, self.offset)
+            self.offset += sum(len(item["token"]) for item in delta.logprobs)
+        yield self.chunk(delta.content, logprobs=scores)
 
 
 def router(server: Server) -> APIRouter:
@@ -65,9 +71,10 @@ def router(server: Server) -> APIRouter:
             "model": server.settings.model_name,
         }
         if req.stream:
-            return stream_response(gen, TextChunks(base, req.include_usage()))
-        text = (await gen.collect()).content
-        choices = [choice("text", text, gen.finish_reason())]
+            return stream_response(gen, TextChunks(base, req.include_usage(), req.logprobs))
+        out = await gen.collect()
+        scores = None if req.logprobs is None else legacy(out.logprobs, req.logprobs)
+        choices = [choice("text", out.content, gen.finish_reason(), scores)]
         return JSONResponse({**base, "choices": choices, **stats(gen)})
 
     return api

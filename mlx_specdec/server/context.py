@@ -68,7 +68,8 @@ class Server:
         self, req: Any, max_tokens: int | None, field: str = "max_tokens"
     ) -> dict[str, Any]:
         """Generation options: the server's defaults, overridden by the request's sampling
-        fields that are set. `field` names the request's token limit in errors."""
+        fields that are set, its penalties and the log-probabilities it asks for. `field` names
+        the request's token limit in errors."""
         limit = self.settings.max_tokens_limit
         n = max_tokens or self.settings.default_max_tokens
         if n > limit:
@@ -78,8 +79,12 @@ class Server:
             value = getattr(req, name, None)
             if value is not None:
                 opts[name] = value
-        if opts.get("top_k", 0) >= self.engine.target.vocab_size:
+        vocab = self.engine.target.vocab_size
+        if opts.get("top_k", 0) >= vocab:
             opts["top_k"] = 0  # keeps every token anyway; mlx-lm's filter refuses such a k
+        opts |= req.penalty_options() | req.logprob_options()
+        if any(t >= vocab for t in opts.get("logit_bias", ())):
+            raise ApiError(400, f"logit_bias: token ids must be below {vocab}")
         return opts
 
     async def generate(

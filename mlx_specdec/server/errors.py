@@ -24,7 +24,6 @@ UNION_FIELDS = {
     "output": "must be a string or a list of content parts",
     "stop": "must be a string or a list of strings",
     "tool_choice": "must be 'none', 'auto' or a function",
-    "logprobs": "must be a boolean or an integer",
 }
 FRIENDLY = {
     "missing": "is required",

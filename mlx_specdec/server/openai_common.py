@@ -12,9 +12,9 @@ from .output import Delta
 from .streaming import DONE, Generation, sse
 
 
-def choice(key: str, value: Any, finish: str | None) -> dict[str, Any]:
+def choice(key: str, value: Any, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
     """The only choice (n is 1), carrying `value` under `key` (message, delta or text)."""
-    return {"index": 0, key: value, "finish_reason": finish, "logprobs": None}
+    return {"index": 0, key: value, "finish_reason": finish, "logprobs": logprobs}
 
 
 def usage(result: GenerationResult) -> dict[str, Any]:
@@ -34,18 +34,23 @@ def stats(gen: Generation) -> dict[str, Any]:
 
 class ChunkStream:
     """An `EventFormat` for OpenAI streams: every chunk is `base` plus the one choice, which
-    carries a piece under `key`. The finish reason comes in a chunk with an `empty` piece, and
-    usage either in that chunk or, when the client asked for `include_usage`, in a chunk of its
-    own with no choices (as OpenAI sends it)."""
+    carries a piece under `key` (and its tokens' `logprobs`, when `top_logprobs` is not None:
+    how many top tokens were asked for). The finish reason comes in a chunk with an `empty`
+    piece, and usage either in that chunk or, when the client asked for `include_usage`, in a
+    chunk of its own with no choices (as OpenAI sends it)."""
 
     key: ClassVar[str]
     empty: ClassVar[Any]
 
-    def __init__(self, base: dict[str, Any], include_usage: bool) -> None:
-        self.base, self.include_usage = base, include_usage
+    def __init__(
+        self, base: dict[str, Any], include_usage: bool, top_logprobs: int | None = None
+    ) -> None:
+        self.base, self.include_usage, self.top_logprobs = base, include_usage, top_logprobs
 
-    def chunk(self, value: Any, finish: str | None = None, **extra: Any) -> str:
-        return sse({**self.base, "choices": [choice(self.key, value, finish)], **extra})
+    def chunk(
+        self, value: Any, finish: str | None = None, logprobs: Any = None, **extra: Any
+    ) -> str:
+        return sse({**self.base, "choices": [choice(self.key, value, finish, logprobs)], **extra})
 
     def opening(self) -> Iterable[str]:
         return ()

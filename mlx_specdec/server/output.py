@@ -94,11 +94,13 @@ class ToolCall:
 
 @dataclass
 class Delta:
-    """One piece of output: answer text, reasoning text, or a finished tool call."""
+    """One piece of output: answer text, reasoning text, or a finished tool call; `logprobs`
+    holds the OpenAI token entries of the answer text's tokens, when they were asked for."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.tool_calls)
@@ -107,6 +109,7 @@ class Delta:
         self.content += other.content
         self.reasoning += other.reasoning
         self.tool_calls += other.tool_calls
+        self.logprobs += other.logprobs
 
 
 def _tool_calls(parsed: Any) -> list[ToolCall]:

@@ -205,7 +205,8 @@ class Answer:
         text = "" if started else block.text
         if block.kind == "reasoning":
             return {"type": "reasoning_text", "text": text}
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        scores = [] if started else block.logprobs
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": scores}
 
     def body(self, status: str, output: list[dict]) -> dict[str, Any]:
         """The response object (what the request set, echoed), without usage."""
@@ -291,54 +292,65 @@ class ResponseEvents:
             yield from self._step(step)
 
     def _step(self, step: Step, status: str = "completed") -> Iterator[str]:
-        a, block = self.answer, step.block
-        at = {"output_index": block.index}
-        item_id = a.item(block, started=True)["id"]
-        where = {"item_id": item_id, **at}
-        text_kind = "reasoning_text" if block.kind == "reasoning" else "output_text"
-        logprobs = {} if block.kind == "reasoning" else {"logprobs": []}
+        block = step.block
+        where = {
+            "item_id": self.answer.item(block, started=True)["id"],
+            "output_index": block.index,
+        }
         if step.what == "start":
-            yield self.event(
-                "response.output_item.added", item=a.item(block, "in_progress", True), **at
-            )
-            if block.call is not None:
-                args = block.call.arguments
-                yield self.event("response.function_call_arguments.delta", delta=args, **where)
-            else:
-                yield self.event(
-                    "response.content_part.added",
-                    content_index=0,
-                    part=a.part(block, started=True),
-                    **where,
-                )
+            yield from self._start(block, where)
         elif step.what == "text":
+            kind, scores = self._text_kind(block, step.logprobs)
             yield self.event(
-                f"response.{text_kind}.delta",
+                f"response.{kind}.delta", content_index=0, delta=step.piece, **scores, **where
+            )
+        else:
+            yield from self._stop(block, where, status)
+
+    @staticmethod
+    def _text_kind(block: Block, logprobs: list) -> tuple[str, dict[str, Any]]:
+        """The event family of a text block, and the `logprobs` its events carry (answer text
+        only)."""
+        if block.kind == "reasoning":
+            return "reasoning_text", {}
+        return "output_text", {"logprobs": logprobs}
+
+    def _start(self, block: Block, where: dict[str, Any]) -> Iterator[str]:
+        a, at = self.answer, {"output_index": block.index}
+        yield self.event(
+            "response.output_item.added", item=a.item(block, "in_progress", True), **at
+        )
+        if block.call is not None:  # a call arrives whole: its arguments in one delta
+            args = block.call.arguments
+            yield self.event("response.function_call_arguments.delta", delta=args, **where)
+        else:
+            yield self.event(
+                "response.content_part.added",
                 content_index=0,
-                delta=step.piece,
-                **logprobs,
+                part=a.part(block, started=True),
+                **where,
+            )
+
+    def _stop(self, block: Block, where: dict[str, Any], status: str) -> Iterator[str]:
+        a = self.answer
+        if block.call is not None:
+            yield self.event(
+                "response.function_call_arguments.done",
+                name=block.call.name,
+                arguments=block.call.arguments,
                 **where,
             )
         else:
-            if block.call is not None:
-                yield self.event(
-                    "response.function_call_arguments.done",
-                    name=block.call.name,
-                    arguments=block.call.arguments,
-                    **where,
-                )
-            else:
-                yield self.event(
-                    f"response.{text_kind}.done",
-                    content_index=0,
-                    text=block.text,
-                    **logprobs,
-                    **where,
-                )
-                yield self.event(
-                    "response.content_part.done", content_index=0, part=a.part(block), **where
-                )
-            yield self.event("response.output_item.done", item=a.item(block, status), **at)
+            kind, scores = self._text_kind(block, block.logprobs)
+            yield self.event(
+                f"response.{kind}.done", content_index=0, text=block.text, **scores, **where
+            )
+            yield self.event(
+                "response.content_part.done", content_index=0, part=a.part(block), **where
+            )
+        yield self.event(
+            "response.output_item.done", item=a.item(block, status), output_index=block.index
+        )
 
     def closing(self, gen: Generation) -> Iterator[str]:
         incomplete = gen.finish_reason() == "length"

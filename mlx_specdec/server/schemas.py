@@ -20,6 +20,10 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_INT = 2**31 - 1  # counts: tokens, top_k
 MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+CONTEXT_SIZES = ("repetition_context_size", "presence_context_size", "frequency_context_size")
 
 
 def _shallow(value: Any) -> Any:
@@ -103,11 +107,52 @@ class Message(StrictModel):
 
 
 class SamplingExtras(StrictModel):
-    """Sampling fields this server takes on every API, also where the API has none of them."""
+    """Sampling fields this server takes on every API, also where the API has none of them:
+    the sampler's, and the penalties (mlx-lm's logits processors, each over the last
+    `*_context_size` tokens, prompt included; mlx-lm's server names them the same way)."""
 
     top_k: int | None = Field(default=None, ge=0, le=MAX_INT, description="0: off")
     min_p: float | None = Field(default=None, ge=0, lt=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="same seed, same output")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100, description="1: off")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> added logit, -100 to 100"
+    )
+    repetition_context_size: Count | None = None
+    presence_context_size: Count | None = None
+    frequency_context_size: Count | None = None
+
+    @model_validator(mode="after")
+    def _check_penalties(self) -> SamplingExtras:
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
+        if not all(k.isascii() and k.isdigit() and len(k) < 10 for k in bias):
+            raise ValueError("logit_bias: keys must be token ids, as strings")
+        if any(not -100 <= v <= 100 for v in bias.values()):
+            raise ValueError("logit_bias: values must be from -100 to 100")
+        if len({getattr(self, n) for n in CONTEXT_SIZES} - {None}) > 1:
+            raise ValueError(
+                ", ".join(CONTEXT_SIZES) + ": one context size serves every penalty here; "
+                "give the same value"
+            )
+        return self
+
+    def penalty_options(self) -> dict[str, Any]:
+        """The engine's options for the penalties given (none: the request stays batchable)."""
+        out: dict[str, Any] = {n: getattr(self, n) for n in PENALTIES if getattr(self, n)}
+        if self.logit_bias:
+            out["logit_bias"] = {int(k): v for k, v in self.logit_bias.items()}
+        sizes = {getattr(self, n) for n in CONTEXT_SIZES} - {None}
+        if out and sizes:
+            out["penalty_context_size"] = sizes.pop()
+        return out
+
+    def logprob_options(self) -> dict[str, Any]:
+        """The engine's options for the log-probabilities asked for (none by default)."""
+        return {}
 
 
 class SamplingFields(SamplingExtras):
@@ -121,23 +166,12 @@ class SamplingFields(SamplingExtras):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_INT, description="only 1 is supported")
-    logprobs: bool | int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SamplingFields:
         if self.n != 1:
             raise ValueError("n: must be 1 (this server returns one choice per request)")
         check_stops(self.stop_list())
-        # Refused rather than ignored: a client asking for these would get something else.
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: not supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty, frequency_penalty: not supported")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
         return self
 
     def stop_list(self) -> list[str]:
@@ -158,11 +192,15 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: JsonObject | None = None
     response_format: JsonObject | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("response_format: only type text is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError(
                 "tool_choice: 'required' or a named function is not supported (decoding is not "
@@ -170,10 +208,18 @@ class ChatCompletionRequest(SamplingFields):
             )
         return self
 
+    def logprob_options(self) -> dict[str, Any]:
+        if not self.logprobs:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] = Field(
         description="a string, a list with one string, or token ids"
+    )
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="how many top tokens to add"
     )
     echo: bool = False
     suffix: str | None = None
@@ -191,3 +237,8 @@ class CompletionRequest(SamplingFields):
         if self.best_of not in (None, 1):
             raise ValueError("best_of: must be 1")
         return self
+
+    def logprob_options(self) -> dict[str, Any]:
+        if self.logprobs is None:
+            return {}
+        return {"logprobs": True, "top_logprobs": self.logprobs}

@@ -9,10 +9,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from .schemas import Count, JsonObject, JsonText, SamplingExtras, StrictModel
+from .schemas import MAX_TOP_LOGPROBS, Count, JsonObject, JsonText, SamplingExtras, StrictModel
 
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
-ENCRYPTED_REASONING = "reasoning.encrypted_content"  # an `include` value this server fills
+ENCRYPTED_REASONING = "reasoning.encrypted_content"  # `include` values this server fills
+TEXT_LOGPROBS = "message.output_text.logprobs"
 
 
 class InputPart(StrictModel):
@@ -89,7 +90,7 @@ class ResponsesRequest(SamplingExtras):
     background: bool | None = None
     conversation: Any = None
     prompt: Any = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
@@ -112,9 +113,13 @@ class ResponsesRequest(SamplingExtras):
         for name in ("conversation", "prompt"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: not supported by this server")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs: not supported")
         return self
+
+    def logprob_options(self) -> dict[str, Any]:
+        """Log-probabilities of the answer text: asked for by `include` or `top_logprobs`."""
+        if not (self.top_logprobs or TEXT_LOGPROBS in (self.include or [])):
+            return {}
+        return {"logprobs": True, "top_logprobs": self.top_logprobs or 0}
 
     def thinking(self) -> bool | None:
         """`reasoning.effort` as thinking on or off (None: the server's default)."""

@@ -24,6 +24,7 @@ from ..errors import SpecDecError
 from ..generate import GenerationChunk, GenerationResult
 from .engine import Engine, EngineClosed, Job, JobCancelled
 from .errors import GONE, ApiError, shutting_down
+from .logprobs import entries
 from .output import Delta, OutputSplitter, StopFilter
 
 DONE = "data: [DONE]\n\n"
@@ -142,9 +143,16 @@ class Generation:
     def _split(self, text: str) -> Delta:
         return self.splitter.feed(text) if self.splitter else Delta(content=text)
 
+    @property
+    def ended(self) -> bool:
+        """Whether the answer is over (a stop sequence met, the last allowed call made), though
+        the engine may still commit a round."""
+        return self.stops.hit or bool(self.splitter and self.splitter.done)
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Non-empty deltas as the engine commits tokens; then `result` is set."""
         item: Any = self.first
+        scores = _Scores(self.engine.tokenizer)
         try:
             while True:
                 if isinstance(item, Exception):
@@ -155,14 +163,16 @@ class Generation:
                     delta = self._split(self.stops.flush())
                     if self.splitter:
                         delta.merge(self.splitter.flush())
-                    if delta:
+                    if delta := scores.attach(delta):
                         yield delta
                     self.result = item
                     return
+                if not self.ended:  # (rounds after the end are not part of the answer)
+                    scores.add(item)
                 delta = self._split(self.stops.feed(item.text))
-                if self.stops.hit or (self.splitter and self.splitter.done):
+                if self.ended:
                     self.job.cancel.set()
-                if delta:
+                if delta := scores.attach(delta):
                     yield delta
                 item = await self.job.out.get()
         finally:
@@ -201,6 +211,26 @@ class Generation:
             "prefix_cache": r.prefix_cache,
             "rounds": len(r.rounds),
         }
+
+
+class _Scores:
+    """Token log-probabilities waiting for the text they made: given to the next delta with
+    answer text, dropped when that text was reasoning or a tool call (the APIs report the
+    answer's tokens). They go by round, so a round that ends the reasoning and starts the answer
+    counts as answer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.pending = tokenizer, []
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.pending += entries(self.tokenizer, chunk)
+
+    def attach(self, delta: Delta) -> Delta:
+        if delta.content:
+            delta.logprobs, self.pending = self.pending, []
+        elif delta:
+            self.pending = []
+        return delta
 
 
 class EventFormat(Protocol):
