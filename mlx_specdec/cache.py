@@ -110,14 +110,15 @@ def cacheable(caches: Sequence[Any]) -> bool:
     return all(type(c) in (KVCache, PaddedKVCache, RecurrentCache) for c in caches)
 
 
-def snapshot_length(tokens: Sequence[int], caches: Sequence[Any]) -> int:
-    """The longest prefix of `tokens` every cache can give a snapshot of (0: none): a KV cache
-    any up to its offset, a recurrent layer only where it holds or keeps a state."""
+def snapshot_lengths(tokens: Sequence[int], caches: Sequence[Any]) -> list[int]:
+    """The prefixes of `tokens` every cache can give a snapshot of, ascending (KV caches only:
+    the longest, a KV cache cuts anywhere up to its offset; a recurrent layer only where it
+    holds or keeps a state)."""
     held = min([len(tokens)] + [c.offset for c in caches if not isinstance(c, RecurrentCache)])
     exact = [c.positions() for c in caches if isinstance(c, RecurrentCache)]
     if not exact:
-        return held
-    return max((n for n in set.intersection(*exact) if n <= held), default=0)
+        return [held] if held > 0 else []
+    return sorted(n for n in set.intersection(*exact) if 0 < n <= held)
 
 
 def take_snapshot(

@@ -4,6 +4,7 @@ generation on the same target), around the token loop in `speculate.py`."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 
 from .autocap import resolve_max_draft
-from .cache import cacheable, restore, snapshot_length, take_snapshot
+from .cache import cacheable, restore, snapshot_lengths, take_snapshot
 from .drafters.base import Drafter
 from .errors import SpecDecError
 from .prefix_cache import PrefixCache, fingerprint
@@ -265,8 +266,28 @@ def stream_speculative_generate(
     if prefix_cache is None:
         steps = run(None, None, 0)
     else:
-        steps = _reusing_prefix(prefix_cache, target, drafter, ids, run, info)
+        marks = _marks(tokenizer)
+        steps = _reusing_prefix(prefix_cache, target, drafter, ids, run, info, marks)
     return stream_steps(tokenizer, steps, len(ids), max_new_tokens, mode, info)
+
+
+def _marks(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special and added tokens: what chat templates mark turns with."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset([*getattr(tokenizer, "all_special_ids", []), *added])
+
+
+def turn_start(ids: Sequence[int], marks: frozenset[int]) -> int:
+    """Where a chat prompt's last turn (its generation prompt) starts: at the last of the turn
+    delimiters, the marker tokens (special or added) that occur most often, if more than once;
+    0 when there are none. The prompt up to there is a prefix of the conversation's next turn,
+    which renders the answer after it (the generation prompt itself may not be: an empty think
+    block, say, is not kept in the history)."""
+    counts = Counter(t for t in ids if t in marks)
+    most = max(counts.values(), default=0)
+    if most < 2:
+        return 0
+    return next(p for p in range(len(ids) - 1, -1, -1) if counts[ids[p]] == most)
 
 
 def _reusing_prefix(
@@ -276,14 +297,17 @@ def _reusing_prefix(
     ids: list[int],
     run: Any,
     info: dict[str, Any],
+    marks: frozenset[int] = frozenset(),
 ) -> Steps:
     """`run` from the longest cached prefix of `ids`; when it ends normally, keep the positions
     both its caches hold. A run that fails drops the entry it started from; one that is closed
     early (cancelled) keeps nothing more, as its caches may hold uncommitted rows.
 
     A hybrid target's recurrent layers hold a state at exact positions only, so its entries are
-    restored whole, and a run keeps two: the prompt but its last token (taken once the first
-    token is out; what a retry or the next turn of a chat starts with) and the end of the run."""
+    restored whole, and a run keeps two: where the prompt's last turn starts (`turn_start`,
+    with `marks` the tokenizer's marker tokens; else all but its last token), taken once the
+    first token is out, which the conversation's next turn and a retry start with; and the end
+    of the run."""
     # Plain decoding is mlx-lm's own step: one-row attention, which padding would only slow.
     target_cache = target.make_cache(padded=False if drafter is None else None)
     drafter_state = drafter.new_state(target.padded_attention) if drafter is not None else []
@@ -292,8 +316,11 @@ def _reusing_prefix(
         yield from run(target_cache, drafter_state, 0)
         return
     recurrent = [c for c in target_cache if isinstance(c, RecurrentCache)]
+    # Our prefill ends a chunk wherever a snapshot is wanted; mlx-lm's (the baseline) ends one
+    # before the last token only.
+    first_entry = (turn_start(ids, marks) if drafter is not None else 0) or len(ids) - 1
     for c in recurrent:
-        c.keep(len(ids) - 1)
+        c.keep(first_entry)
     owner = fingerprint(target, drafter)
     found = prefix_cache.fetch(owner, ids)
     cached = 0
@@ -306,8 +333,10 @@ def _reusing_prefix(
             found = None
     info.update(prefix_cache="hit" if found else "miss", cached_tokens=cached)
 
-    def keep(tokens: list[int]) -> None:
-        n = snapshot_length(tokens, [*target_cache, *drafter_state])
+    def keep(tokens: list[int], at: int | None = None) -> None:
+        """Store the longest snapshot both caches can give (or the one at `at`, if they can)."""
+        lengths = snapshot_lengths(tokens, [*target_cache, *drafter_state])
+        n = at if at in lengths else (lengths[-1] if lengths and at is None else 0)
         if n > cached:  # a run that ended at its first token may not have fed the drafter
             prefix_cache.store(take_snapshot(owner, tokens[:n], target_cache, drafter_state))
 
@@ -317,7 +346,7 @@ def _reusing_prefix(
             tokens += step.tokens
             yield step
             if recurrent and step.round is None:
-                keep(ids)
+                keep(ids, first_entry)
     except Exception:
         if found is not None:
             prefix_cache.drop(found[0])

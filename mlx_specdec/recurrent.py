@@ -105,11 +105,11 @@ class RecurrentCache(ArraysCache):
     also counts the positions it holds (`offset`) and keeps, from its last armed forward, what
     `rollback` needs. mlx-lm's layers use it as their own cache.
 
-    Its state is valid at one position, `offset`. For prefix snapshots, `keep(at)` makes it also
-    keep (`kept`) its state at position `at` once a forward ends there (a prompt but its last
-    token), and at the starts of the last two verify forwards it rolled back (the drafter's
-    context ends at one of them after a run: it has not seen the last round's rows, nor the
-    round before when the last was a plain step)."""
+    Its state is valid at one position, `offset`. For prefix snapshots, `keep(*at)` makes it also
+    keep (`kept`) its state at those positions once a forward ends there (`Target.prefill` ends
+    chunks there: a prompt's last turn start, all but its last token), and at the starts of the
+    last two verify forwards it rolled back (the drafter's context ends at one of them after a
+    run: it has not seen the last round's rows, nor the round before's after a plain step)."""
 
     def __init__(self, size: int):
         super().__init__(size)
@@ -117,16 +117,16 @@ class RecurrentCache(ArraysCache):
         self.armed = False
         self.record: _Record | None = None
         self.kept: dict[int, list[Any]] = {}
-        self._keep_at: int | None = None  # None: keep nothing
+        self.wanted: frozenset[int] = frozenset()  # positions to keep the state at
         self._starts: list[int] = []  # the last two verify forwards' first positions
 
-    def keep(self, at: int) -> None:
-        self._keep_at = at
+    def keep(self, *at: int) -> None:
+        self.wanted = frozenset(at)
 
     def advance(self, n: int) -> None:
         super().advance(n)  # the layer has stored its new window and state
         self.offset += n
-        if self.offset == self._keep_at:
+        if self.offset in self.wanted:
             self.kept[self.offset] = list(self.cache)
 
     def positions(self) -> set[int]:
@@ -167,9 +167,9 @@ class RecurrentCache(ArraysCache):
         if added == 0:
             return
         assert rec is not None and conv_input is not None
-        if self._keep_at is not None:  # the state before that forward, for a snapshot
+        if self.wanted:  # the state before that forward, for a snapshot
             self._starts = [*self._starts[-1:], self.offset - added]
-            wanted = {self._keep_at, *self._starts}
+            wanted = {*self.wanted, *self._starts}
             self.kept = {p: a for p, a in self.kept.items() if p in wanted}
             start = [mx.contiguous(conv_input[:, :window]), rec.before]
             self.kept[self._starts[-1]] = start[: len(self.cache)]

@@ -243,12 +243,16 @@ class Target:
 
         With recurrent layers the last token is a chunk of its own, as mlx-lm's `generate_step`
         does it: a Mamba-2 layer computes a chunk in a closed form whose rounding depends on
-        where chunks end, and this keeps its state after the prompt bitwise mlx-lm's. Prefill
-        positions cannot be rolled back."""
+        where chunks end, and this keeps its state after the prompt bitwise mlx-lm's. Chunks
+        also end where a recurrent cache wants its state kept (`RecurrentCache.keep`, for
+        prefix snapshots). Prefill positions cannot be rolled back."""
         n = ids.shape[0]
         ends = list(range(PREFILL_STEP, n, PREFILL_STEP)) + [n]
-        if n > 1 and any(isinstance(c, RecurrentCache) for c in cache):
-            ends = [e for e in ends if e < n - 1] + [n - 1, n]
+        recurrent = [c for c in cache if isinstance(c, RecurrentCache)]
+        if n > 1 and recurrent:
+            base = recurrent[0].offset
+            stops = {n - 1} | {p - base for p in recurrent[0].wanted if 0 < p - base < n}
+            ends = sorted({*ends, *stops})
         if self.exact:  # exactly mlx-lm's chunks: the prompt's K/V and first logits are its own
             ends = self.exact.prefill_ends(n)
         taps: list[mx.array] = []

@@ -12,7 +12,7 @@ from hybrid_models import HYBRID_TARGETS, drafter_configs, write_hybrid
 
 from mlx_specdec import PrefixCache, load_pair, speculative_generate
 from mlx_specdec.cache import restore
-from mlx_specdec.generate import encode_prompt
+from mlx_specdec.generate import _marks, encode_prompt, turn_start
 from mlx_specdec.prefix_cache import fingerprint
 from mlx_specdec.recurrent import RecurrentCache
 
@@ -72,20 +72,25 @@ def turns(first_reply: str) -> list[list[dict]]:
     ],
 )
 def test_warm_turns_match_cold_greedy_decoding(folders, model_type, kind):
+    """Each turn resends the history: it starts from the entry kept where the first turn's
+    generation prompt starts (its answer follows there; Qwen-style templates render it without
+    the empty think block the generation prompt had), and gives the tokens of a cold turn.
+    Plain decoding (mlx-lm's prefill) keeps all but the last prompt token: a retry only."""
     target, tokenizer, drafter = load(folders, model_type, kind)
     cache = PrefixCache()
     kwargs = dict(max_new_tokens=MAX_NEW, prefix_cache=cache)
     first = speculative_generate(target, tokenizer, drafter, turns("")[0], **kwargs)
     assert first.prefix_cache == "miss" and first.cached_tokens == 0
-    for messages in turns(first.text):
+    start = turn_start(encode_prompt(tokenizer, turns("")[0]), _marks(tokenizer))
+    assert 0 < start < first.prompt_tokens - 1
+    for i, messages in enumerate(turns(first.text)):
         ids = encode_prompt(tokenizer, messages)
         warm = speculative_generate(target, tokenizer, drafter, messages, **kwargs)
         assert warm.tokens == greedy_reference(target.model, ids, MAX_NEW, set())
-        assert warm.prefix_cache == "hit" and 0 < warm.cached_tokens < len(ids)
-    # The same prompt again: all but its last token come from the entry its run kept.
-    again = speculative_generate(target, tokenizer, drafter, messages, **kwargs)
-    assert again.cached_tokens == len(ids) - 1
-    assert again.tokens == warm.tokens
+        if i == 0:  # the first prompt again
+            assert warm.cached_tokens == (start if drafter else len(ids) - 1)
+        elif drafter is not None:
+            assert warm.prefix_cache == "hit" and start <= warm.cached_tokens < len(ids)
 
 
 @pytest.mark.parametrize("model_type,kind", [("qwen3_5", "dspark"), ("nemotron_h", None)])
