@@ -235,6 +235,17 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_penalty_arguments(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's penalties, each over the last 20 tokens (the output stays plain decoding's)."""
+    p.add_argument("--repetition-penalty", type=float, help="e.g. 1.1: damp repeated tokens")
+    p.add_argument(
+        "--presence-penalty", type=float, help="subtract from the logit of each recent token"
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, help="subtract per occurrence among recent tokens"
+    )
+
+
 def system_openblas() -> str | None:
     """The path of the system's OpenBLAS (Debian/Ubuntu `libopenblas0-pthread` and similar)."""
     import glob
@@ -335,6 +346,9 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         min_p=args.min_p,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
     result = None
     for chunk in stream_speculative_generate(
@@ -402,6 +416,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_sampling_arguments(g)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--no-thinking", action="store_true", help="chat template without thinking")
+    add_penalty_arguments(g)
     g.add_argument(
         "--compare", action="store_true", help="also run mlx-lm's plain generation and compare"
     )

@@ -59,9 +59,15 @@ def plain(model, prompt: list[int], n: int, processors: list, top: int = 3):
 def check_against_plain(target, tokenizer, drafter, prompt, settings, n=48):
     want, want_lp, want_top = plain(target.model, prompt, n, processors_of(settings))
     got = speculative_generate(
-        target, tokenizer, drafter, prompt, max_new_tokens=n, logprobs=True, top_logprobs=3,
+        target,
+        tokenizer,
+        drafter,
+        prompt,
+        max_new_tokens=n,
+        logprobs=True,
+        top_logprobs=3,
         **settings,
-    )  # fmt: skip
+    )
     k = len(got.tokens)
     assert got.tokens == want[:k]
     assert got.logprobs == want_lp[:k]  # bit for bit
@@ -105,8 +111,9 @@ def test_chunks_carry_the_logprobs_of_their_tokens(demo):
     target, tokenizer, drafter, _ = demo
     prompt = encode_prompt(tokenizer, "What is 12 + 30?")
     chunks = list(
-        stream_speculative_generate(target, tokenizer, drafter, prompt, max_new_tokens=40,
-                                    top_logprobs=2)  # fmt: skip
+        stream_speculative_generate(
+            target, tokenizer, drafter, prompt, max_new_tokens=40, top_logprobs=2
+        )
     )
     result = chunks[-1].result
     assert result.finish_reason == "stop"  # the stop token is not shown, nor its logprob
@@ -192,14 +199,18 @@ def penalised_loop_pvalue(target, drafter, params, checked, used, tokens=1000, r
     for _ in range(runs):
         prompt = rng.integers(0, V, rng.integers(1, 5)).tolist()
         out = []
-        for step in speculate(target, drafter, prompt, max_new_tokens=tokens // runs,
-                              params=params, logits_processors=used):  # fmt: skip
+        for step in speculate(
+            target,
+            drafter,
+            prompt,
+            max_new_tokens=tokens // runs,
+            params=params,
+            logits_processors=used,
+        ):
             out += step.tokens
             rounds += [step.round] if step.round is not None else []
         logits = target.model(mx.array([prompt + out[:-1]]))[0, len(prompt) - 1 :]
-        rows = [
-            process_rows(logits[j : j + 1], prompt + out[:j], checked) for j in range(len(out))
-        ]
+        rows = [process_rows(logits[j : j + 1], prompt + out[:j], checked) for j in range(len(out))]
         p = np.array(probs(mx.concatenate(rows), params), np.float64)
         y, prev = np.array(out), np.array(prompt[-1:] + out[:-1])
         if (p[np.arange(len(y)), y] <= 0).any():
@@ -228,3 +239,32 @@ def test_penalised_check_rejects_a_loop_that_ignores_the_penalties():
     params = sampling_tests.SETTINGS["t1"]  # no truncation: the counts, not a forbidden token
     pvalue, _ = penalised_loop_pvalue(target, drafter, params, processors_of(PENALISED), [])
     assert pvalue < sampling_tests.ALPHA, f"an unpenalised loop passed: p-value {pvalue:.2e}"
+
+
+def test_cli_generate_penalties_compare(capsys, tmp_path, monkeypatch):
+    from helpers import FIXTURES
+
+    from mlx_specdec.cli import main
+
+    monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "cache"))
+    pair = FIXTURES / "dspark_qwen3"
+    penalties = ["--repetition-penalty", "1.3", "--presence-penalty", "0.5"]
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(pair / "target"),
+            "--drafter",
+            str(pair / "drafter"),
+            "--prompt",
+            "The 7th of the numbers",
+            "--max-new-tokens",
+            "16",
+            "--max-draft",
+            "3",
+            *penalties,
+            "--compare",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "outputs identical" in out

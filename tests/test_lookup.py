@@ -160,9 +160,14 @@ def test_auto_cap_of_lookup_is_its_own(tmp_path):
     target, tokenizer, drafter, _ = load_pair(str(FIXTURE / "target"), mode="lookup")
     cap_cache = tmp_path / "caps.json"
     result = speculative_generate(
-        target, tokenizer, drafter, [5, 6, 7], max_new_tokens=8, max_draft="auto",
+        target,
+        tokenizer,
+        drafter,
+        [5, 6, 7],
+        max_new_tokens=8,
+        max_draft="auto",
         cap_cache=cap_cache,
-    )  # fmt: skip
+    )
     assert len(result.tokens) == 8 and not cap_cache.exists()  # nothing to calibrate
 
 
@@ -176,11 +181,13 @@ def test_prefix_cache_turn_keeps_the_lookup_rows(target):
     drafter = LookupDrafter(target.vocab_size)
     first = list(range(10, 40))
     cache = PrefixCache()
-    turn1 = speculative_generate(target, tokenizer, drafter, first, max_new_tokens=30,
-                                 prefix_cache=cache)  # fmt: skip
+    turn1 = speculative_generate(
+        target, tokenizer, drafter, first, max_new_tokens=30, prefix_cache=cache
+    )
     follow_up = first + turn1.tokens + [21, 22, 23]
-    warm = speculative_generate(target, tokenizer, drafter, follow_up, max_new_tokens=40,
-                                prefix_cache=cache)  # fmt: skip
+    warm = speculative_generate(
+        target, tokenizer, drafter, follow_up, max_new_tokens=40, prefix_cache=cache
+    )
     cold = speculative_generate(target, tokenizer, drafter, follow_up, max_new_tokens=40)
     assert warm.prefix_cache == "hit" and warm.cached_tokens > len(first)
     assert warm.tokens == cold.tokens
@@ -230,13 +237,41 @@ def test_sampled_lookup_check_rejects_a_broken_verify(monkeypatch):
 def test_cli_generate_and_bench_lookup(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_SPECDEC_CACHE", str(tmp_path / "cache"))
     model = str(FIXTURE / "target")
-    rc = main(["generate", "--model", model, "--mode", "lookup", "--prompt", "ab ab ab ab",
-               "--max-new-tokens", "16", "--compare"])  # fmt: skip
+    rc = main(
+        [
+            "generate",
+            "--model",
+            model,
+            "--mode",
+            "lookup",
+            "--prompt",
+            "ab ab ab ab",
+            "--max-new-tokens",
+            "16",
+            "--compare",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "[lookup]" in out and "outputs identical" in out
-    rc = main(["bench", "--model", model, "--drafter", f"dspark={FIXTURE / 'drafter'}",
-               "--modes", "baseline,lookup,dspark+lookup", "--prompts", "edit", "--limit", "2",
-               "--trials", "1", "--max-new-tokens", "8"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--model",
+            model,
+            "--drafter",
+            f"dspark={FIXTURE / 'drafter'}",
+            "--modes",
+            "baseline,lookup,dspark+lookup",
+            "--prompts",
+            "edit",
+            "--limit",
+            "2",
+            "--trials",
+            "1",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "| lookup@16 |" in out and "| dspark+lookup@16 |" in out
     assert "lossless: yes" in out
