@@ -22,6 +22,10 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
         "mlx_specdec.bench.prefix",
         "time to first token of a follow-up turn, cold vs from the prefix cache",
     ),
+    "bench-split": (
+        "mlx_specdec.bench.split",
+        "speculation over a target split across local ranks, plain vs drafter, with a slower link",
+    ),
     "serve": (
         "mlx_specdec.server.cli",
         "serve an OpenAI-compatible API (chat, completions, tools, metrics)",

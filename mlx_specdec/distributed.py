@@ -24,11 +24,14 @@ connection becomes one line too (`run_sharded`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +96,15 @@ def broadcast_int(group: mx.distributed.Group, value: int) -> int:
     settle()
     mine = value if group.rank() == 0 else 0
     return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
+
+
+def broadcast_bytes(group: mx.distributed.Group, data: bytes = b"") -> bytes:
+    """Rank 0's `data` on every rank: its length, then its bytes (two all-sums)."""
+    size = broadcast_int(group, len(data))
+    if size == 0:
+        return b""
+    mine = np.frombuffer(data, np.uint8) if group.rank() == 0 else np.zeros(size, np.uint8)
+    return bytes(np.array(mx.distributed.all_sum(mx.array(mine), group=group)))
 
 
 def shared_seed(group: mx.distributed.Group, seed: int | None) -> int:
@@ -235,10 +247,6 @@ def split_demo(mode: str = "auto", drafter: str | None = None) -> tuple[str, str
     stored twice (the same attention, over two heads: tensor parallel gives each rank one) and
     it is declared `qwen3_moe` with no experts, the same layers in mlx-lm's Qwen3 family that
     has pipeline stages. The demo drafters fit it unchanged."""
-    import atexit
-    import shutil
-    import tempfile
-
     from mlx_lm.utils import save_config
 
     source, drafter = demo_paths(mode, drafter)
@@ -346,7 +354,9 @@ def agreed_draft_cap(
     if cap == 0:
         if notify:
             notify("mlx-specdec: calibrating the draft cap over all ranks (once, then cached)")
-        mine = auto_max_draft(target, drafter, refresh=True, budget_s=None, cap_cache=cap_cache)
+        with tempfile.TemporaryDirectory() as scratch:  # only rank 0's choice is kept
+            where = cap_cache if group.rank() == 0 else Path(scratch) / "max_draft.json"
+            mine = auto_max_draft(target, drafter, refresh=True, budget_s=None, cap_cache=where)
         cap, how = broadcast_int(group, mine), "measured"
     if notify:
         notify(f"[auto] --max-draft {cap} (of {drafter.max_draft}; {how} for this split model)")
@@ -450,6 +460,8 @@ def run_sharded(command: Callable[[Any], int], args: Any) -> int:
                 setattr(args, name, None)
     with _peer_errors(rank), _follower(rank):
         code = command(args)
-        # No rank leaves before the others have run the step mlx-lm's decoding left in flight.
+    # No rank leaves before the others have run the step mlx-lm's decoding left in flight; a
+    # rank already gone (serve's rank 0 ends by its signal) needs no wait.
+    with contextlib.suppress(RuntimeError):
         broadcast_int(group, code)
     return code

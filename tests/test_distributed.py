@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 from helpers import dspark_config, greedy_reference, run, target_config, write_drafter, write_target
 from hybrid_models import Steered, drafter_configs, qwen3_5_config, qwen3_moe_config, write_hybrid
 
+from mlx_specdec.bench.link import free_ports
 from mlx_specdec.loading import load_pair
 from mlx_specdec.sampling import SamplingParams
 
@@ -36,20 +35,6 @@ PROMPT = list(range(20, 45))
 MAX_NEW = 20
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive ports free on 127.0.0.1 (the ring backend's addresses)."""
-    for _ in range(100):
-        start = random.randint(20000, 60000 - n)
-        try:
-            for port in range(start, start + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 def mlx_launch(n: int, command: list[str], env: dict | None = None, timeout: float = 90):
@@ -158,3 +143,20 @@ def test_cli_generate_prints_once_what_one_process_prints(tmp_path):
     accept = stats.split("mean accept length ")[1].split(",")[0]
     assert f"mean accept length {accept}," in split.stdout
     assert split.stderr.count("[auto] dspark drafter") == 1, split.stderr
+
+
+def test_auto_draft_cap_is_rank_zeros_measured_once(models, tmp_path):
+    """`--max-draft auto` on a split target: measured by every rank in step the first time,
+    rank 0's cached choice afterwards (no rank measures alone, which would hang the others)."""
+    target, drafter = models["qwen3"]
+    args = ["generate", "--model", str(target), "--drafter", str(drafter), "--no-chat"]
+    args += ["--prompt", "a b c", "--max-new-tokens", "8", "--sharding", "tensor"]
+    env = {**ENV, "MLX_SPECDEC_CACHE": str(tmp_path)}
+    first, second = (
+        mlx_launch(2, [sys.executable, "-m", "mlx_specdec", *args], env) for _ in range(2)
+    )
+    assert "calibrating the draft cap over all ranks" in first.stderr, first.stderr
+    assert first.stderr.count("[auto] --max-draft") == 1 and "measured" in first.stderr
+    assert "calibrating" not in second.stderr and "; cached for this split" in second.stderr
+    text = [run.stdout.split("\n[dspark]")[0] for run in (first, second)]
+    assert text[0] == text[1] and first.stdout.count("[dspark]") == 1

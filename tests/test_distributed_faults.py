@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 from helpers import dspark_config, target_config, write_drafter, write_target
-from test_distributed import ENV, free_ports
+from test_distributed import ENV
 
+from mlx_specdec.bench.link import free_ports
 from mlx_specdec.demo import DEMO_DIR
 
 pytestmark = pytest.mark.slow

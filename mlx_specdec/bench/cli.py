@@ -8,7 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from ..autocap import cache_file
-from ..cli import EXTERNAL_COMMANDS, add_exact_argument, cap_cache_folder
+from ..cli import (
+    EXTERNAL_COMMANDS,
+    add_exact_argument,
+    add_sharding_arguments,
+    cap_cache_folder,
+)
 from ..errors import SpecDecError
 from .run import ALL_MODES, demo_pair_args, run_bench
 from .synthetic import SHAPES, run_synthetic
@@ -66,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-reps", type=int, default=5, help="timed repeats per cost-model point")
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="speed-ups and cost curves (matplotlib)")
+    d = p.add_argument_group("a target split across the ranks of mlx.launch (bench/split.py)")
+    add_sharding_arguments(d)
+    d.add_argument(
+        "--placements",
+        default="replicated",
+        help="with --sharding: where the drafter runs, replicated and/or rank0 (its drafts sent "
+        "to the other ranks each round)",
+    )
     s = p.add_argument_group("synthetic acceptance (random weights, real shapes)")
     s.add_argument(
         "--synthetic",
@@ -101,6 +114,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.sharding:
+        from .split import run_rank
+
+        return run_rank(args)
     if args.synthetic:
         if args.temperature != 0:
             raise SpecDecError(

@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecDecError("--max-body-mb must be > 0")
     if args.response_store < 0:
         raise SpecDecError("--response-store must be >= 0")
+    if getattr(args, "sharding", None) and args.max_batch > 1:
+        raise SpecDecError("--max-batch above 1 does not run with --sharding (yet)")
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
     prefix_cache = None  # built first: a bad folder or size fails before the model loads
     if not args.no_prefix_cache:
@@ -146,7 +148,14 @@ def run(args: argparse.Namespace) -> int:
         from ..doctor import startup_check  # is greedy output plain decoding's here? (logged)
 
         print(f"mlx-specdec: {startup_check(target)}", file=sys.stderr)
-    engine = Engine(
+    engine_class = Engine
+    if getattr(args, "sharding", None):  # rank 0 serves; the other ranks follow its requests
+        from .sharded import ShardedEngine, follow
+
+        if target.group.rank() != 0:
+            return follow(target, tokenizer, drafter, max_draft)
+        engine_class, prefix_cache = ShardedEngine, None
+    engine = engine_class(
         target,
         tokenizer,
         drafter,
