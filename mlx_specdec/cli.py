@@ -28,7 +28,7 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": (
         "mlx_specdec.server.cli",
-        "serve an OpenAI-compatible API (chat, completions, tools, metrics)",
+        "serve OpenAI (chat, completions, responses) and Anthropic (messages) APIs",
     ),
     "doctor": (
         "mlx_specdec.doctor",
