@@ -17,7 +17,7 @@ from .drafters import dspark, family_of, formats
 from .drafters.base import Drafter
 from .drafters.formats import gguf
 from .drafters.layers import quantize_drafter
-from .drafters.lookup import LookupDrafter
+from .drafters.lookup import LookupConfig, LookupDrafter
 from .errors import SpecDecError
 from .kernels import weight_sharing_copy
 from .target import Target
@@ -286,7 +286,7 @@ def load_pair(
     mode: str = "auto",
     drafter_bits: int | None = None,
     confidence_threshold: float = 0.0,
-    lookup: bool = False,
+    lookup: bool | LookupConfig = False,
     stand_ins: bool | None = None,
     padded_attention: bool | None = None,
     target_loader: Callable[..., tuple[Target, Any]] | None = None,
@@ -298,7 +298,8 @@ def load_pair(
     decoding), `dspark`, `dflash`, `eagle3`, `lookup` or `baseline`; `drafter` overrides the
     registry. `lookup` needs no drafter: drafts are copied from n-gram matches in the prompt and
     the output (`drafters.lookup.LookupDrafter`). `lookup=True` wraps the trained drafter so that
-    rounds with a long match use the lookup draft instead (no drafter known: lookup alone).
+    rounds with a long match use the lookup draft instead (no drafter known: lookup alone); a
+    `LookupConfig` does so with its settings.
     `drafter_bits` defaults to `default_drafter_bits()`. `confidence_threshold` as in
     `load_drafter`; `stand_ins` and `padded_attention` as in `Target` (None: the defaults).
     With no `model`, the embedded demo pair. `target_loader` replaces `load_target` (same
@@ -315,7 +316,8 @@ def load_pair(
     if mode not in valid:
         raise SpecDecError(f"--mode must be one of {', '.join(valid)}, got '{mode}'")
     _check_lookup(mode, drafter, lookup)
-    lookup = lookup or mode == "lookup"
+    settings = lookup if isinstance(lookup, LookupConfig) else None
+    lookup = bool(lookup) or mode == "lookup"
     resolved_mode, drafter_ref = registry.resolve_mode(
         model, "baseline" if mode == "lookup" else mode, drafter
     )
@@ -333,7 +335,7 @@ def load_pair(
         if not lookup:
             return target, tokenizer, None, config
         config.mode = config.drafter_kind = "lookup"
-        return target, tokenizer, LookupDrafter(target.vocab_size), config
+        return target, tokenizer, LookupDrafter(target.vocab_size, config=settings), config
     loaded, drafter_config, shared = load_drafter(
         drafter_ref,
         target,
@@ -347,12 +349,12 @@ def load_pair(
     config.drafter_format = drafter_config.get("checkpoint_format")
     config.shared_with_target = shared
     if lookup:
-        loaded = LookupDrafter(target.vocab_size, loaded)
+        loaded = LookupDrafter(target.vocab_size, loaded, settings)
         config.mode = loaded.kind
     return target, tokenizer, loaded, config
 
 
-def _check_lookup(mode: str, drafter: str | None, lookup: bool) -> None:
+def _check_lookup(mode: str, drafter: str | None, lookup: bool | LookupConfig) -> None:
     if mode == "lookup" and drafter is not None:
         raise SpecDecError(
             "--mode lookup drafts from the text itself and takes no --drafter; to let a "

@@ -150,6 +150,10 @@ def test_load_pair_lookup_modes():
         str(FIXTURE / "target"), str(FIXTURE / "drafter"), lookup=True, drafter_bits=16
     )
     assert drafter.kind == config.mode == "dspark+lookup" and config.drafter_kind == "dspark"
+    _, _, drafter, _ = load_pair(
+        str(FIXTURE / "target"), str(FIXTURE / "drafter"), lookup=LookupConfig(switch_at=5)
+    )
+    assert drafter.lookup.switch_at == 5 and drafter.trained.kind == "dspark"
     with pytest.raises(SpecDecError, match="takes no --drafter"):
         load_pair(str(FIXTURE / "target"), str(FIXTURE / "drafter"), mode="lookup")
     with pytest.raises(SpecDecError, match="needs a speculative mode"):
@@ -270,8 +274,14 @@ def test_cli_generate_and_bench_lookup(capsys, tmp_path, monkeypatch):
             "1",
             "--max-new-tokens",
             "8",
+            "--lookup-switch",
+            "2,4",
         ]
     )
     out = capsys.readouterr().out
-    assert rc == 0 and "| lookup@16 |" in out and "| dspark+lookup@16 |" in out
-    assert "lossless: yes" in out
+    assert rc == 0 and "| lookup@16 |" in out and "lossless: yes" in out
+    assert "| dspark+lookup@16 switch 2 |" in out and "| dspark+lookup@16 switch 4 |" in out
+
+
+def test_default_switch_follows_the_backend():
+    assert LookupConfig().switch_at == (2 if mx.default_device() == mx.cpu else 8)

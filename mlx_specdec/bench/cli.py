@@ -66,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "mlx-lm's included, and skips the verdict",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lookup-switch",
+        metavar="N[,N...]",
+        help="modes MODE+lookup: the match lengths from which a round uses the lookup draft, "
+        "one row each (default: 2 on the CPU backend, 8 on a GPU)",
+    )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-thinking", action="store_true", help="chat template without thinking")
     p.add_argument("--cost-reps", type=int, default=5, help="timed repeats per cost-model point")

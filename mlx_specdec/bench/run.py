@@ -29,7 +29,7 @@ from ..cli import blas_line, target_switches
 from ..demo import KINDS, demo_paths, draft_lm_path
 from ..divergence import find_divergence
 from ..drafters.base import Drafter
-from ..drafters.lookup import LookupDrafter
+from ..drafters.lookup import LookupConfig, LookupDrafter
 from ..errors import SpecDecError
 from ..generate import GenerationResult, baseline_steps, encode_prompt, stream_steps
 from ..loading import load_drafter, load_target
@@ -327,6 +327,24 @@ def _load_drafters(
     return {m: d for m, d in loaded.items() if m in modes}
 
 
+def lookup_switches(text: str | None) -> list[int]:
+    """`--lookup-switch 2,4,8`: the match lengths from which a drafter's rounds use lookup."""
+    try:
+        return [int(x) for x in text.split(",")] if text else []
+    except ValueError:
+        raise SpecDecError(f"--lookup-switch takes lengths like 2,4,8, got '{text}'") from None
+
+
+def with_switches(m: str, d: Drafter, switches: list[int]) -> list[tuple[str, Drafter]]:
+    """(label suffix, drafter): a MODE+lookup drafter once per --lookup-switch value."""
+    if not (m.endswith("+lookup") and switches):
+        return [("", d)]
+    return [
+        (f" switch {s}", LookupDrafter(d.vocab_size, d.trained, LookupConfig(switch_at=s)))
+        for s in switches
+    ]
+
+
 def demo_pair_args(args: argparse.Namespace) -> argparse.Namespace:
     """`args` without --model: the embedded demo pair, as `generate` runs it: its target, its
     drafters (unless --drafter names others) and its draft LM for mode draft-model (unless
@@ -377,6 +395,7 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
     ]
     context_len = int(statistics.median(len(x) for x in ids)) + args.max_new_tokens // 2
 
+    switches = lookup_switches(getattr(args, "lookup_switch", None))
     rows: list[Row] = []
     for m in modes:
         if m == "baseline":
@@ -397,7 +416,9 @@ def run_bench(args: argparse.Namespace, cap_cache: Path) -> int:
                 fixed.append(d.max_draft)
             if m in LOOKUP_MODES and not fixed:  # auto: the drafter sizes its own rounds
                 fixed.append(d.max_draft)
-            rows += [Row(m, int(c), d) for c in fixed]
+            for c in fixed:
+                for suffix, v in with_switches(m, d, switches):
+                    rows.append(Row(m, int(c), v, f"{m}@{c}{suffix}" if suffix else ""))
 
     print(
         f"target {args.model} | modes {', '.join(modes)} | {len(prompts)} prompts | "

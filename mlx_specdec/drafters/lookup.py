@@ -13,12 +13,18 @@ drafter)` wraps a trained drafter: a round whose match is at least `switch_at` t
 the lookup draft, any other round the trained one. The context of the rounds the trained drafter
 skipped is fed to it on its next round (it only lags). The choice is made on the host, from
 tokens the loop has already read, so it adds no host sync.
+
+When a lookup round pays: it commits 1 + a(L) tokens for a verify of L + 1 (a(L): the drafts
+accepted after a match of L tokens), a trained round 1 + a for its draft plus a verify of
+n + 1. On the CPU backend a trained drafter's round costs about a target step or more, so any
+match wins (measured: docs/bench.md); on a GPU the draft costs a fraction of a verify and lookup
+only wins where a(L) nears the drafter's own acceptance, a long match (`default_switch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -30,17 +36,25 @@ from ..sampling import SamplingParams
 from .base import Drafter, Proposal
 
 
+def default_switch() -> int:
+    """The match length from which a round with a trained drafter uses the lookup draft: 2 (any
+    match) on the CPU backend, where the drafter's round costs more than a target step; 8 on a
+    GPU, where it is cheap beside the verify (a reasoned default: not measured on a GPU yet)."""
+    return 2 if mx.default_device() == mx.cpu else 8
+
+
 @dataclass(frozen=True)
 class LookupConfig:
     """`ngram`: tokens that must match before anything is drafted; `max_draft`: most drafts a
     lookup round proposes; a round drafts as many tokens as its match is long (at most the
     cap), since a longer match is likelier to go on; `switch_at`: with a trained drafter, the
-    match length from which a round uses the lookup draft; `longest`: how far back a match
-    is measured; `candidates`: how many recent occurrences of the n-gram are compared."""
+    match length from which a round uses the lookup draft (`default_switch`); `longest`: how
+    far back a match is measured; `candidates`: how many recent occurrences of the n-gram are
+    compared."""
 
     ngram: int = 2
     max_draft: int = 16
-    switch_at: int = 8
+    switch_at: int = field(default_factory=default_switch)
     longest: int = 64
     candidates: int = 32
 
@@ -123,6 +137,7 @@ class LookupState(list):
         new = tokens.astype(mx.int32)
         block = new.reshape(1, 1, -1, 1)
         rows.update_and_fetch(block, block)
+        mx.async_eval(rows.keys, rows.values)  # tiny; keeps the rows from piling up lazily
         self.index.extend(new.tolist())
         return self.index
 
