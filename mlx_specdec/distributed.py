@@ -170,8 +170,13 @@ class ShardedTarget(Target):
     def _forward(self, ids: mx.array, cache: list[Any] | None) -> tuple[mx.array, mx.array | None]:
         if self.watchdog is not None:
             self.watchdog.beat()
-        if self.sharding != "pipeline" or not self.tap_ids:
+        if self.sharding != "pipeline":
             return super()._forward(ids, cache)  # tensor: every tapped layer is all-summed
+        # A stage's receive depends on nothing, so a rank could wait in it before drafting;
+        # drafting first (queued now) overlaps this rank's drafts with the earlier stages.
+        mx.async_eval(ids)
+        if not self.tap_ids:
+            return super()._forward(ids, cache)
         self._sink.values.clear()
         h = self.inner(ids, cache=cache)
         held = self._sink.values

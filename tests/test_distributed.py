@@ -92,6 +92,12 @@ def run_split(models, tmp_path: Path, name: str, sharding: str, ranks: int) -> N
     """Launch the worker on `ranks` ranks; every rank must give the single-process results."""
     target, drafter = models[name]
     specs, expected = cases(target, drafter)
+    steered = expected["steered"]
+    assert {a for _, a in steered["rounds"]} - {0}, "steering accepted nothing: a weak check"
+    assert steered["tokens"] == expected["plain"]["tokens"]
+    if ranks > 2:  # 3 processes on a 2-core machine are slow: the steered and sampled runs
+        specs = [s for s in specs if s["name"] in ("steered", "sampled")]
+        expected = {s["name"]: expected[s["name"]] for s in specs}
     spec = dict(
         sharding=sharding, model=str(target), drafter=str(drafter), cases=specs, out=str(tmp_path)
     )
@@ -103,9 +109,6 @@ def run_split(models, tmp_path: Path, name: str, sharding: str, ranks: int) -> N
         got = json.loads(file.read_text())
         assert got.pop("world") == ranks
         assert got == expected, f"rank {rank} differs from the single-process runs"
-    steered = expected["steered"]["rounds"]
-    assert {a for _, a in steered} - {0}, "steering accepted nothing: a weak check"
-    assert expected["steered"]["tokens"] == expected["plain"]["tokens"]
 
 
 @pytest.mark.parametrize(
@@ -148,9 +151,9 @@ def test_cli_generate_prints_once_what_one_process_prints(tmp_path):
 def test_auto_draft_cap_is_rank_zeros_measured_once(models, tmp_path):
     """`--max-draft auto` on a split target: measured by every rank in step the first time,
     rank 0's cached choice afterwards (no rank measures alone, which would hang the others)."""
-    target, drafter = models["qwen3"]
+    target, drafter = models["qwen3_moe"]
     args = ["generate", "--model", str(target), "--drafter", str(drafter), "--no-chat"]
-    args += ["--prompt", "a b c", "--max-new-tokens", "8", "--sharding", "tensor"]
+    args += ["--prompt", "a b c", "--max-new-tokens", "8", "--sharding", "pipeline"]
     env = {**ENV, "MLX_SPECDEC_CACHE": str(tmp_path)}
     first, second = (
         mlx_launch(2, [sys.executable, "-m", "mlx_specdec", *args], env) for _ in range(2)

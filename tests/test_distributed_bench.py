@@ -56,7 +56,7 @@ def test_bench_split_counts_collectives_and_checks_the_output(tmp_path):
     drafter = write_drafter(tmp_path / "drafter", drafter_configs(config)["dspark"])
     out = tmp_path / "report.json"
     args = ["bench-split", "--model", str(target), "--drafter", str(drafter), "--prompts", "code"]
-    args += ["--link-latency", "0,10", "--limit", "1", "--trials", "1", "--max-new-tokens", "8"]
+    args += ["--link-latency", "0,5", "--limit", "1", "--trials", "1", "--max-new-tokens", "8"]
     args += ["--max-draft", "3", "--json", str(out)]
     env = {**ENV, "MLX_SPECDEC_CACHE": str(tmp_path)}
     done = subprocess.run(
@@ -73,10 +73,10 @@ def test_bench_split_counts_collectives_and_checks_the_output(tmp_path):
         assert counts == [
             ("0", "baseline", plain),
             ("0", "dspark@3", verify),
-            ("10", "baseline", plain),
-            ("10", "dspark@3", verify),
+            ("5", "baseline", plain),
+            ("5", "dspark@3", verify),
         ], sharding
-        # 10 ms more per message: plain decoding waits for two or more per token (20 ms; the
+        # 5 ms more per message: plain decoding waits for two or more per token (10 ms; the
         # margin is for a loaded machine's noise)
-        plain_0, _, plain_10, _ = report["results"]
-        assert 1 / plain_10["decode_tps"] - 1 / plain_0["decode_tps"] > 0.010
+        plain_0, _, plain_5, _ = report["results"]
+        assert 1 / plain_5["decode_tps"] - 1 / plain_0["decode_tps"] > 0.005

@@ -6,17 +6,16 @@ MLX's ring backend has rank r listen on its own address and connect to rank r+1'
 rank gets its own hostfile: its own address as it is, every other rank's as a relay to it.
 Every byte then crosses one relay per hop, in both directions, and arrives `delay` seconds
 late: a collective pays the delay once per message step it waits for, as on a real link.
-One thread serves every relay (a selector and a queue of timed deliveries).
+Each direction of a connection is a reader thread, which stamps what arrives, and a writer
+thread, which sleeps until it is due (timed waits, no polling: the ranks keep the CPU).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import heapq
-import itertools
 import json
 import random
-import selectors
 import socket
 import threading
 import time
@@ -24,9 +23,50 @@ from pathlib import Path
 
 _CHUNK = 1 << 20
 _CONNECT_S = 60.0  # how long a relay retries reaching a rank that is not listening yet
-_FINE_S = 0.002  # deliveries due sooner than this are waited for by polling ...
-_POLL_S = 0.00005  # ... every 50 microseconds
 POLL_S = 0.005  # how often the delay is read from a control file
+
+
+class _Direction:
+    """One direction of a relayed connection: bytes read from `source` are written to `to`
+    `link.delay` seconds after they arrived, in order."""
+
+    def __init__(self, link: LinkEmulator, source: socket.socket, to: socket.socket):
+        self.link, self.source, self.to = link, source, to
+        self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.ready = threading.Condition()
+        for work in (self._read, self._write):
+            threading.Thread(target=work, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.source.recv(_CHUNK)
+            except OSError:
+                data = b""
+            with self.ready:
+                self.queue.append((time.perf_counter() + self.link.delay, data))
+                self.ready.notify()
+            if not data:  # closed: the close is passed on after the data before it
+                return
+
+    def _write(self) -> None:
+        while True:
+            with self.ready:
+                while not self.queue:
+                    self.ready.wait()
+                due, data = self.queue[0]
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    self.ready.wait(wait)  # a timed wait: nothing else to do until then
+                    continue
+                self.queue.popleft()
+            try:
+                if not data:
+                    self.to.shutdown(socket.SHUT_WR)
+                    return
+                self.to.sendall(data)
+            except OSError:
+                return
 
 
 class LinkEmulator:
@@ -36,15 +76,11 @@ class LinkEmulator:
 
     def __init__(self, delay_s: float, control: Path | None = None):
         self.delay = delay_s
-        self._control, self._read_at = control, 0.0
-        self._selector = selectors.DefaultSelector()
-        self._due: list[tuple[float, int, socket.socket, bytes]] = []  # (time, seq, to, data)
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
+        self._control = control
         self._open: list[socket.socket] = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="link-emulator", daemon=True)
-        self._thread.start()
+        self._closed = threading.Event()
+        if control is not None:
+            threading.Thread(target=self._follow_control, daemon=True).start()
 
     def __enter__(self) -> LinkEmulator:
         return self
@@ -57,94 +93,47 @@ class LinkEmulator:
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
         server.listen(8)
-        server.setblocking(False)
-        with self._lock:
-            self._open.append(server)
-            self._selector.register(server, selectors.EVENT_READ, ("accept", port))
+        self._open.append(server)
+        threading.Thread(target=self._accept, args=(server, port), daemon=True).start()
         return server.getsockname()[1]
 
     def close(self) -> None:
-        self._closed = True
-        self._thread.join(timeout=2)
+        self._closed.set()
         for s in self._open:
-            s.close()
-
-    # ------------------------------------------------------------------------ the loop
-    def _join(self, client: socket.socket, port: int) -> None:
-        """Connect to the rank behind a relay (retrying while it is not listening yet)."""
-        end = time.monotonic() + _CONNECT_S
-        while True:
-            try:
-                upstream = socket.create_connection(("127.0.0.1", port))
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    client.close()
-                    return
-                time.sleep(0.02)
-        with self._lock:
-            for a, b in ((client, upstream), (upstream, client)):
-                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                a.setblocking(False)
-                self._open.append(a)
-                self._selector.register(a, selectors.EVENT_READ, ("data", b))
-
-    def _receive(self, source: socket.socket, to: socket.socket) -> None:
-        try:
-            data = source.recv(_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:  # closed: pass the close on, after the data before it
-            with self._lock:
-                self._selector.unregister(source)
-        heapq.heappush(self._due, (time.perf_counter() + self.delay, next(self._seq), to, data))
-
-    def _deliver(self) -> float | None:
-        """Send what is due; the seconds until the next delivery (None: nothing queued)."""
-        while self._due:
-            due, _, to, data = self._due[0]
-            wait = due - time.perf_counter()
-            if wait > 0:
-                return wait
-            heapq.heappop(self._due)
-            try:
-                if data:
-                    to.setblocking(True)
-                    to.sendall(data)
-                    to.setblocking(False)
-                else:
-                    to.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        return None
+            with contextlib.suppress(OSError):
+                s.close()
 
     def _follow_control(self) -> None:
-        now = time.monotonic()
-        if self._control is None or now - self._read_at < POLL_S:
-            return
-        self._read_at = now
-        with contextlib.suppress(OSError, ValueError):  # not written yet, or being written
-            self.delay = float(self._control.read_text()) / 1000
+        while not self._closed.wait(POLL_S):
+            with contextlib.suppress(OSError, ValueError):  # not written yet, or being written
+                self.delay = float(self._control.read_text()) / 1000
 
-    def _loop(self) -> None:
-        while not self._closed:
-            self._follow_control()
-            wait = self._deliver()
-            # A selector waits in whole milliseconds: shorter waits poll and sleep finely.
-            fine = wait is not None and wait < _FINE_S
-            with self._lock:
-                events = self._selector.select(0 if fine else min(wait or 0.05, 0.05))
-            if fine and not events:
-                time.sleep(min(wait, _POLL_S))
-            for key, _ in events:
-                what, other = key.data
-                if what == "accept":
-                    client, _ = key.fileobj.accept()
-                    threading.Thread(target=self._join, args=(client, other), daemon=True).start()
-                else:
-                    self._receive(key.fileobj, other)
+    def _accept(self, server: socket.socket, port: int) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = self._connect(port)
+            if upstream is None:
+                client.close()
+                continue
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._open.append(s)
+            _Direction(self, client, upstream)
+            _Direction(self, upstream, client)
+
+    @staticmethod
+    def _connect(port: int) -> socket.socket | None:
+        """The rank behind a relay (retrying while it is not listening yet)."""
+        end = time.monotonic() + _CONNECT_S
+        while time.monotonic() < end:
+            try:
+                return socket.create_connection(("127.0.0.1", port))
+            except OSError:
+                time.sleep(0.02)
+        return None
 
 
 def free_ports(n: int) -> int:

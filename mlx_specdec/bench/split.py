@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,17 @@ def collectives(*outputs: mx.array) -> Counter:
         mx.export_to_dot(str(file), *outputs)
         labels = re.findall(r'label ="([^"]*)"', file.read_text())
     return Counter(kind for label in labels for key, kind in _COLLECTIVES.items() if key in label)
+
+
+def all_sum_ms(group: Any, reps: int = 100) -> float:
+    """Median milliseconds of one small all-sum on this link (what a collective costs)."""
+    x = mx.ones((64,))
+    times = []
+    for _ in range(reps):
+        began = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=group))
+        times.append(1000 * (time.perf_counter() - began))
+    return statistics.median(times)
 
 
 def per_forward(target: Any, plain: bool) -> int:
@@ -178,6 +190,10 @@ def run_rank(args: argparse.Namespace) -> int:
     target.set_taps(drafter.tap_ids)
     counts = {"plain": per_forward(target, True), "verify": per_forward(target, False)}
     report = _report(args, rows, latencies, samples, counts, params)
+    report["all_sum_ms"] = {}
+    for latency in latencies:
+        _set_link(target.group, control, latency)
+        report["all_sum_ms"][str(latency)] = all_sum_ms(target.group)
     _print(report)
     if args.json:
         write_json(args.json, report)
@@ -222,6 +238,9 @@ def _print(report: dict[str, Any]) -> None:
     if verdict["checked"]:
         same = "yes" if verdict["lossless"] else "NO"
         print(f"lossless: {same} ({verdict['compared']} greedy outputs against plain decoding)")
+    where = lambda x: "this link" if x == "None" else f"link +{x} ms"  # noqa: E731
+    pings = ", ".join(f"{ms:.3f} ms ({where(x)})" for x, ms in report["all_sum_ms"].items())
+    print(f"one all-sum of 64 floats, median: {pings}")
     print(machine_line(report["machine"]))
 
 
@@ -236,6 +255,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ranks", type=int, default=2, help="processes on this machine")
     p.add_argument(
+        "--pin",
+        action="store_true",
+        help="Linux: pin rank r to core r, so that ranks do not take each other's cores (as "
+        "on one machine per rank)",
+    )
+    p.add_argument(
         "--link-latency",
         default="0,0.1,1",
         help="milliseconds added to every message between ranks, comma list; each prompt runs "
@@ -249,6 +274,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft", default="7", help="caps, as bench")
     p.add_argument("--drafter-bits", type=int, default=32, choices=[4, 8, 16, 32])
     p.add_argument("--json", metavar="OUT", help="write every launch's report as JSON")
+
+
+def _pinned(rank: int) -> Any:
+    """For the child of `rank`: run on core `rank` only."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise SpecDecError("--pin needs Linux (sched_setaffinity)")
+    core = rank % (os.cpu_count() or 1)
+    return lambda: os.sched_setaffinity(0, {core})
 
 
 def _launch(args: argparse.Namespace, sharding: str, folder: Path) -> dict:
@@ -275,6 +308,7 @@ def _launch(args: argparse.Namespace, sharding: str, folder: Path) -> dict:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
+                preexec_fn=_pinned(r) if args.pin else None,
             )
             for r in range(args.ranks)
         ]
@@ -299,9 +333,10 @@ def latency_model(report: dict) -> list[list[Any]]:
         per_token = plain0["collectives_per_token"]
         added = (1 / plain["decode_tps"] - 1 / plain0["decode_tps"]) / per_token
         t_plain = 1 / plain0["decode_tps"] + per_token * added
+        ping = report["all_sum_ms"][latency]
         for s, s0 in zip(spec, spec0, strict=True):
             t_spec = 1 / s0["decode_tps"] + s0["collectives_per_token"] * added
-            rows.append([latency, s["row"], 1000 * added, t_plain / t_spec, s["speedup"]])
+            rows.append([latency, s["row"], ping, 1000 * added, t_plain / t_spec, s["speedup"]])
     return rows
 
 
@@ -322,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     print(fmt_table(header, table))
     print("\nlatency model: t(L) = t(0) + collectives per token * l, l fitted on plain decoding")
     model = [[s, *row] for s, rep in reports.items() for row in latency_model(rep)]
-    print(fmt_table(["split", "link +ms", "mode", "l ms", "predicted", "measured"], model))
+    header = ["split", "link +ms", "mode", "all-sum ms", "l ms", "predicted", "measured"]
+    print(fmt_table(header, model))
     for s, rep in reports.items():
         verdict = rep["lossless"]
         print(f"{s}: lossless {'yes' if verdict['lossless'] else 'NO'} ({verdict['compared']})")
