@@ -110,7 +110,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_others(tmp_path, pair, fault):
     """Rank 1 is killed (its sockets close) or stopped (it answers nothing) mid-generation:
     rank 0 ends within seconds with one line, the hang through --rank-timeout."""
     args = [*generate(pair), "--sharding", "tensor", "--max-new-tokens", "5000"]
-    args += ["--max-draft", "4", "--rank-timeout", "3"]
+    args += ["--max-draft", "4", "--rank-timeout", "8"]  # margin: a first kernel compile
     rank0, rank1 = start(tmp_path, [args, args])
     try:
         first_output(rank0)
@@ -118,10 +118,10 @@ def test_a_rank_that_dies_or_hangs_stops_the_others(tmp_path, pair, fault):
         began = time.monotonic()
         code, errors = finish(rank0, 30)
         assert code == 2 and len(errors) == 1, errors
-        said = "lost another rank" if fault == "dies" else "no progress for 3 s"
+        said = "lost another rank" if fault == "dies" else "no progress for 8 s"
         assert said in errors[0], errors
         if fault == "hangs":
-            assert time.monotonic() - began >= 3
+            assert time.monotonic() - began >= 8
     finally:
         rank1.kill()
         rank1.wait()
