@@ -134,9 +134,9 @@ def test_trained_drafter_with_lookup_rounds_matches_mlx_lm_greedy(switch_at):
 def test_sampled_lookup_q_is_a_point_mass(target):
     drafter = LookupDrafter(target.vocab_size)
     state = drafter.new_state()
-    text = mx.array([4, 5, 6, 7, 4, 5, 6], mx.int32)  # "4 5 6" matched: 3 drafts
-    proposal = drafter.propose(state, None, text, 3, SamplingParams(1.0))
-    assert proposal.tokens.tolist() == [7, 4, 5]
+    text = mx.array([1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4, 5, 6], mx.int32)  # 6 match: 3 drafts
+    proposal = drafter.propose(state, None, text, 4, SamplingParams(1.0))
+    assert proposal.tokens.tolist() == [9, 1, 2]
     assert proposal.q.shape == (3, target.vocab_size)
     assert proposal.q.sum(axis=-1).tolist() == [1.0] * 3
     assert mx.take_along_axis(proposal.q, proposal.tokens[:, None], -1).tolist() == [[1.0]] * 3
@@ -201,6 +201,9 @@ def test_prefix_cache_turn_keeps_the_lookup_rows(target):
 
 # ----------------------------------------------------------------------------- sampling
 sampling_tests = importlib.import_module("test_sampling")
+# Lookup drafts few tokens a round, so fewer rejections to catch: twice the loop check's tokens
+# (a broken residual then gives p ~ 1e-13 here).
+LOOP_TOKENS = 2 * sampling_tests.LOOP_TOKENS
 
 
 def sampling_pairs(name: str):
@@ -216,7 +219,7 @@ def sampling_pairs(name: str):
 def test_sampled_lookup_follows_the_target_law(name):
     target, drafter = sampling_pairs(name)
     pvalue, rounds = sampling_tests.loop_pvalue(
-        target, drafter, sampling_tests.SETTINGS["t0.8-all"], tokens=sampling_tests.LOOP_TOKENS
+        target, drafter, sampling_tests.SETTINGS["t0.8-all"], tokens=LOOP_TOKENS
     )
     assert pvalue > sampling_tests.ALPHA, f"p-value {pvalue:.2e}"
     assert any(r.accepted < len(r.proposed) for r in rounds)
@@ -231,7 +234,7 @@ def test_sampled_lookup_check_rejects_a_broken_verify(monkeypatch):
     broken = sampling_tests.broken_no_residual
     monkeypatch.setattr(sampling_tests.speculate_module, "verify", broken)
     pvalue, _ = sampling_tests.loop_pvalue(
-        target, drafter, sampling_tests.SETTINGS["t0.8-all"], tokens=sampling_tests.LOOP_TOKENS
+        target, drafter, sampling_tests.SETTINGS["t0.8-all"], tokens=LOOP_TOKENS
     )
     assert pvalue < sampling_tests.ALPHA, f"broken loop passed: p-value {pvalue:.2e}"
 
