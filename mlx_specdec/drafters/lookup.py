@@ -45,13 +45,13 @@ def default_switch() -> int:
 
 @dataclass(frozen=True)
 class LookupConfig:
-    """`ngram`: tokens that must match before anything is drafted; `max_draft`: most drafts a
+    """`ngram`: tokens that must match before anything is drafted. `max_draft`: most drafts a
     lookup round proposes; a round drafts half as many tokens as its match is long, rounded up
-    (at most the cap): on the demo pair's edits a match of L tokens was followed by about L/2
-    accepted drafts, and every draft verified costs a row; `switch_at`: with a trained drafter, the
-    match length from which a round uses the lookup draft (`default_switch`); `longest`: how
-    far back a match is measured; `candidates`: how many recent occurrences of the n-gram are
-    compared."""
+    (at most the cap): on the demo pair's edits, drafting a whole match of L tokens got about
+    L/2 of them accepted, and every draft verified costs a row. `switch_at`: with a trained
+    drafter, the match length from which a round uses the lookup draft (`default_switch`).
+    `longest`: how far back a match is measured. `candidates`: how many recent occurrences of
+    the n-gram are compared."""
 
     ngram: int = 2
     max_draft: int = 16
