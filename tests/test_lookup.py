@@ -10,9 +10,12 @@ import mlx.core as mx
 import pytest
 from helpers import (
     FIXTURES,
+    TOKENIZER_SOURCE,
     build_drafter,
     build_model,
+    dflash_config,
     dspark_config,
+    eagle3_config,
     greedy_reference,
     run,
     target_config,
@@ -113,14 +116,27 @@ class CountingDrafter:
         return self.drafter.propose(*args, **kwargs)
 
 
-@pytest.mark.parametrize("switch_at", [2, 6])
-def test_trained_drafter_with_lookup_rounds_matches_mlx_lm_greedy(switch_at):
+def trained_drafter(target: Target, family: str):
+    """A random drafter of `family` for `target`, its taps set on the target."""
+    configs = {
+        "dspark": lambda: dspark_config(target.config, target_layer_ids=[1, 3]),
+        "dflash": lambda: dflash_config(target.config, layers=1, taps=(1, 3)),
+        "eagle3": lambda: eagle3_config(target.config, taps=(1, 3)),
+    }
+    drafter = build_drafter(configs[family](), seed=2)
+    drafter.share_target_tensors(target)
+    target.set_taps(drafter.tap_ids)
+    return drafter
+
+
+@pytest.mark.parametrize(
+    "family,switch_at", [("dspark", 2), ("dspark", 6), ("dflash", 2), ("eagle3", 2)]
+)
+def test_trained_drafter_with_lookup_rounds_matches_mlx_lm_greedy(family, switch_at):
     target = copying_target(seed=1)
-    trained = build_drafter(dspark_config(target.config, target_layer_ids=[1, 3]), seed=2)
-    target.set_taps(trained.tap_ids)
-    counting = CountingDrafter(trained)
+    counting = CountingDrafter(trained_drafter(target, family))
     drafter = LookupDrafter(target.vocab_size, counting, LookupConfig(switch_at=switch_at))
-    assert drafter.kind == "dspark+lookup" and drafter.tap_ids == (1, 3)
+    assert drafter.kind == f"{family}+lookup" and drafter.tap_ids == (1, 3)
     prompt = list(range(10, 40))
     want = greedy_reference(target.model, prompt, 80, eos=set())
     for cap in (2, None):
@@ -129,6 +145,26 @@ def test_trained_drafter_with_lookup_rounds_matches_mlx_lm_greedy(switch_at):
         assert got == want, cap
         # Both kinds of rounds ran: the trained drafter's and lookup's.
         assert 0 < counting.calls < len(rounds)
+
+
+def test_trained_drafter_with_lookup_rounds_from_the_prefix_cache(target):
+    # The trained drafter lags behind the rows on lookup rounds: a snapshot keeps what both
+    # hold, and a warm turn still gives a cold turn's tokens.
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER_SOURCE)
+    drafter = LookupDrafter(target.vocab_size, trained_drafter(target, "dspark"))
+    first, cache = list(range(10, 40)), PrefixCache()
+    turn = speculative_generate(
+        target, tokenizer, drafter, first, max_new_tokens=30, prefix_cache=cache
+    )
+    follow_up = first + turn.tokens + [21, 22, 23]
+    warm = speculative_generate(
+        target, tokenizer, drafter, follow_up, max_new_tokens=40, prefix_cache=cache
+    )
+    cold = speculative_generate(target, tokenizer, drafter, follow_up, max_new_tokens=40)
+    assert warm.prefix_cache == "hit" and warm.cached_tokens > len(first)
+    assert warm.tokens == cold.tokens
 
 
 def test_sampled_lookup_q_is_a_point_mass(target):
@@ -178,7 +214,6 @@ def test_auto_cap_of_lookup_is_its_own(tmp_path):
 def test_prefix_cache_turn_keeps_the_lookup_rows(target):
     # A follow-up turn restores the drafter's rows (the tokens) with the target's caches, so
     # lookup matches what came before the cut exactly as a cold run does.
-    from helpers import TOKENIZER_SOURCE
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tokenizer = load_tokenizer(TOKENIZER_SOURCE)
