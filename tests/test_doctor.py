@@ -74,6 +74,33 @@ def test_a_plan_past_a_kernel_switch_is_caught():
     assert "NOT bit-identical (a bug)" in report.summary()
 
 
+def test_plain_decoding_that_does_not_repeat_itself_is_not_called_our_bug(monkeypatch):
+    """Measured on MLX CUDA in bf16: mlx-lm's own decoding, run twice on one prompt, can differ.
+    The doctor's control catches it; then a differing --exact is reported as that, not a bug."""
+    from mlx_specdec import doctor
+
+    decode, calls = doctor._decode, []
+
+    def unrepeatable(*args):
+        calls.append(1)
+        out = decode(*args)
+        if len(calls) % 2 == 0:  # the control's second run
+            out.logits = out.logits + 1e-3
+        return out
+
+    monkeypatch.setattr(doctor, "_decode", unrepeatable)
+    model = row_variant(build_model(target_config()))
+    broken = report_of(model, plan=RowPlan(2, 2))
+    assert broken.repeat.verdict().startswith("DIFFERS")
+    assert not broken.path_ok("exact") and not broken.exact_bug
+    assert "plain decoding is not reproducible bit for bit" in broken.verdict()
+    assert "as plain decoding run twice does" in broken.summary()
+    text = "\n".join(broken.lines())
+    assert "control: mlx-lm's own decoding, run twice: DIFFERS" in text
+    monkeypatch.setattr(doctor, "_decode", decode)
+    assert report_of(model, plan=RowPlan(2, 2)).exact_bug  # a repeatable reference: our bug
+
+
 def test_check_verdicts():
     c = Check("x")
     assert c.verdict() == "not checked"
