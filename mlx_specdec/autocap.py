@@ -323,12 +323,13 @@ def _target_id(target: Target) -> str:
 
 def cap_cache_key(target: Target, drafter: Drafter, drafter_tag: str | None = None) -> str:
     """Model, precision and machine, readable; the pair's weight fingerprint, so that a folder
-    whose weights were replaced (a retrained drafter, a new demo) is measured afresh."""
+    whose weights were replaced (a retrained drafter, a new demo) is measured afresh. An exact
+    verify (`--exact`) costs otherwise on a GPU, so it has its own entry."""
     m = machine_info()
     return "|".join(
         [
             _target_id(target),
-            _precision(target),
+            _precision(target) + ("+exact" if getattr(target, "exact", None) else ""),
             drafter_tag or _drafter_tag(drafter),
             fingerprint(target, drafter)[:12],
             m["chip"],

@@ -134,6 +134,11 @@ def test_auto_max_draft_cache(monkeypatch, cap_cache):
     assert autocap.cap_cache_key(target, drafter) != key
     assert auto(target, drafter, survival=[0.9] * 7) == 2
     assert len(calls) == 2
+    # An exact verify costs otherwise on a GPU: its cap is its own entry.
+    plain = autocap.cap_cache_key(target, drafter)
+    target.use_exact()
+    exact = autocap.cap_cache_key(target, drafter)
+    assert exact != plain and exact.split("|")[1] == plain.split("|")[1] + "+exact"
 
 
 def test_jsonl_prompts(tmp_path):

@@ -270,13 +270,16 @@ def run_synthetic(args: argparse.Namespace) -> int:
     target, drafter = synthetic_pair(
         args.synthetic, args.target_bits, args.drafter_bits, **target_switches()
     )
+    if args.exact:
+        target.use_exact()
     if line := blas_line():  # after building, so that an error stays one line
         print(line, file=sys.stderr)
     print(
         f"SYNTHETIC ACCEPTANCE (random weights; acceptance imposed, not measured): "
         f"{args.synthetic}-shaped target at {args.target_bits} bits, DSpark-shaped drafter "
         f"({DSPARK_LAYERS} layers, block {DSPARK_BLOCK}, Markov rank {DSPARK_RANK}) at "
-        f"{args.drafter_bits} bits; built in {time.perf_counter() - t0:.1f} s; context "
+        f"{args.drafter_bits} bits{'; exact verify' if args.exact else ''}; built in "
+        f"{time.perf_counter() - t0:.1f} s; context "
         f"{args.context}, {args.max_new_tokens} new tokens, {args.trials} trials",
         flush=True,
     )
