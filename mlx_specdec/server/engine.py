@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -323,8 +323,10 @@ class Engine:
         if error is not None:
             job.put(error)
             return
-        _, result = stream.finish(cancelled)
+        last, result = stream.finish(cancelled)
         self._record(result)
+        if last.text and not cancelled:  # what the detokenizer held to the end (see _generate)
+            job.put(replace(last, result=None))
         job.put(result)
         seconds = result.prefill_seconds + result.decode_seconds
         self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * seconds
@@ -385,6 +387,10 @@ class Engine:
             for chunk in stream:
                 if chunk.result is not None:
                     result = chunk.result
+                    # The last chunk carries the text the detokenizer held to the end (a
+                    # character's first bytes, a lone space): the answer's end, sent before.
+                    if chunk.text:
+                        job.put(replace(chunk, result=None))
                     break
                 t_first = t_first or time.perf_counter()
                 tokens += chunk.tokens
