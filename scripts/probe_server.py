@@ -7,7 +7,7 @@ and shutdown on SIGTERM.
     python scripts/probe_server.py --model DIR --drafter DIR
 
 It starts its own servers on free ports of 127.0.0.1 and sends traffic nowhere else; every
-probe is bounded in requests (about 300 besides /health polls) and time (30 s a request, 5
+probe is bounded in requests (about 350 besides /health polls) and time (30 s a request, 5
 minutes in all).
 Exit status 1 when any probe finds a problem (a 5xx, a crash, a leak, a slow shutdown).
 """
@@ -134,19 +134,34 @@ def _chat(content="hi", **extra) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
 
 
+# Invalid values of the fields both completions routes take (sent to each in turn). Valid
+# values, however odd, belong in VALID below.
 FIELD_VALUES = {
     "max_tokens": [True, "1", 1.5, -1, 0, 2**63, 10**30],
     "temperature": ["0.5", True, -1, 3, 1e308],
     "top_p": [0, 2, "x", False],
-    "top_k": [2**63, -1, True, 1.5, 10**6],
+    "top_k": [2**63, -1, True, 1.5],
     "min_p": [1, -0.1, "0"],
     "seed": [2**64 - 1, -1, "1", True],
     "n": ["1", 2, True, 0],
-    "stream": ["yes", 1, None],
+    "stream": ["yes", 1],  # (not null: OpenAI's spec allows it, this server refuses it)
     "stop": [5, [1], ["x"] * 20, [""], "y" * 300],
-    "logprobs": ["yes", True, 5],
-    "presence_penalty": [1, "a"],
-    "logit_bias": [{"1": 1}, [1]],
+    "presence_penalty": [2.5, "a", True, -3],
+    "frequency_penalty": [-2.01, "1", [0.5]],
+    "repetition_penalty": [0, -1, "x", 101],
+    "logit_bias": [
+        [1],
+        {"x": 1},  # keys are token ids, as strings
+        {"1.5": 1},
+        {"-1": 1},
+        {"1": 101},  # values from -100 to 100, as OpenAI's
+        {"1": -100.5},
+        {"1": "a"},
+        {"1": True},
+        {"1": None},
+        {"99999999": 1},  # outside the vocabulary
+        {str(i): 1 for i in range(1025)},  # more entries than the server takes
+    ],
     "stream_options": [{"include_usage": "true"}, "x"],
     "model": [5, ["m"]],
 }
@@ -174,6 +189,15 @@ CHAT_ONLY = [
     _chat(chat_template_kwargs={"x": _deep(300)}),
     _chat(chat_template_kwargs=[1]),
     _chat(max_completion_tokens=True),
+    _chat(logprobs="yes"),  # chat's logprobs is a boolean
+    _chat(logprobs=5),
+    _chat(logprobs=True, top_logprobs=21),  # 0 to 20, as OpenAI's
+    _chat(logprobs=True, top_logprobs=-1),
+    _chat(logprobs=True, top_logprobs="3"),
+    _chat(logprobs=True, top_logprobs=True),
+    _chat(logprobs=True, top_logprobs=1.5),
+    _chat(top_logprobs=3),  # needs logprobs: true
+    _chat(logprobs=False, top_logprobs=3),
     {
         "messages": [
             {
@@ -201,6 +225,36 @@ COMPLETION_ONLY = [
     {"prompt": "x", "suffix": "y"},
     {"prompt": "x", "best_of": 2},
     {"prompt": [5] * 3000, "max_tokens": 1},
+    {"prompt": "x", "logprobs": True},  # text completions' logprobs is a count, 0 to 20
+    {"prompt": "x", "logprobs": 21},
+    {"prompt": "x", "logprobs": -1},
+    {"prompt": "x", "logprobs": "5"},
+    {"prompt": "x", "logprobs": 2.5},
+]
+# Odd but valid requests, each to be answered (max 2 tokens): the features that once were
+# refused (log-probabilities, penalties, logit bias) at the ends of their ranges, and values a
+# careless client sends.
+_TEXT = {"prompt": "x", "max_tokens": 2}
+VALID: list[tuple[str, dict | bytes]] = [
+    ("/v1/chat/completions", _chat(logprobs=True)),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=20)),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=0)),
+    ("/v1/chat/completions", _chat(top_logprobs=0)),
+    ("/v1/chat/completions", _chat(logprobs=False)),
+    ("/v1/completions", {**_TEXT, "logprobs": 0}),
+    ("/v1/completions", {**_TEXT, "logprobs": 20}),
+    ("/v1/chat/completions", _chat(presence_penalty=2, frequency_penalty=-2)),
+    ("/v1/completions", {**_TEXT, "presence_penalty": -2, "frequency_penalty": 2}),
+    ("/v1/chat/completions", _chat(repetition_penalty=1.1, repetition_context_size=4)),
+    ("/v1/completions", {**_TEXT, "repetition_penalty": 100}),
+    ("/v1/chat/completions", _chat(logit_bias={"1": 100, "2": -100})),
+    ("/v1/completions", {**_TEXT, "logit_bias": {"0": 1.5}}),
+    ("/v1/chat/completions", _chat(logit_bias={})),
+    ("/v1/chat/completions", _chat(top_k=10**6)),  # top_k >= vocabulary: no filter
+    ("/v1/completions", {**_TEXT, "presence_penalty": None, "logprobs": None}),
+    ("/v1/completions", b'{"prompt": "x", "prompt": [1], "max_tokens": 2}'),  # the last one
+    ("/v1/messages", {**_chat(), "presence_penalty": 1, "logit_bias": {"1": -100}}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "frequency_penalty": 1}),
 ]
 RAW = [
     b"",
@@ -211,7 +265,6 @@ RAW = [
     b"\xff\xfe{}",
     b'{"messages": ' + b"[" * 100_000,
     b"{" * 100_000,
-    b'{"prompt": "x", "prompt": [1]}',
     b'{"prompt": NaN}',
     b'{"prompt": "x", "max_tokens": Infinity}',
 ]
@@ -245,7 +298,22 @@ def probe_malformed(server: Served) -> Row:
             row.add(answer)
             if isinstance(answer, httpx.Response) and answer.headers.get("connection") == "close":
                 row.problems.append(f"connection closed after {answer.status_code} on {route}")
+    if row.count(200, 300):
+        row.problems.append(f"{row.count(200, 300)} malformed bodies answered")
     row.notes.append("every answer an OpenAI error object, keep-alive kept")
+    return row
+
+
+def probe_valid(server: Served) -> Row:
+    row = Row("odd but valid bodies")
+    for route, body in VALID:
+        answer = server.post(route, body)
+        row.add(answer)
+        if not isinstance(answer, httpx.Response) or answer.status_code != 200:
+            code = getattr(answer, "status_code", type(answer).__name__)
+            fields = body if isinstance(body, bytes) else sorted(set(body) - {"messages"})
+            row.problems.append(f"{route} {fields}: {code}")
+    row.notes.append("logprobs, penalties, logit bias at their limits: all answered")
     return row
 
 
@@ -591,7 +659,7 @@ def main() -> int:
             server = None
         if server is not None:
             try:
-                for probe in (probe_malformed, probe_injection, probe_auth):
+                for probe in (probe_malformed, probe_valid, probe_injection, probe_auth):
                     rows.append(probe(server))
                 rows += [probe_huge_prompt(server), probe_body_limit(server)]
                 rows += [probe_concurrency(server, n) for n in (8, 16, 32)]
