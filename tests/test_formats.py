@@ -178,6 +178,119 @@ def test_specforge_eagle3_with_a_reduced_vocabulary(tmp_path):
     assert all(t % 2 == 0 for r in rounds for t in r.proposed)  # draft-vocab ids only
 
 
+# ----------------------------------------------------------------------------- reference-written
+# EAGLE3 (speculators, SpecForge) and speculators DFlash checkpoints written by the reference
+# packages' own classes, with the trace of a torch loop over the reference forward.
+def _check_reference_trace(target, drafter, ref: dict) -> int:
+    """Our loop against the reference loop, case by case: the same output; per round the same
+    drafts up to the first rejection (until the reference's draft margin is within bf16 noise),
+    the same committed tokens, and the same accepted count where every draft up to the first
+    rejection is clear of that noise and we drafted the full chain (ours stop at the budget).
+    Returns how many rounds compared their acceptance."""
+    compared = 0
+    for case in ref["cases"]:
+        tokens, rounds = run(target, drafter, case["prompt_ids"], 48, ref["stop_token_ids"])
+        assert tokens == case["output_tokens"], case["name"]
+        assert len(rounds) == len(case["rounds"]), case["name"]
+        for ours, theirs in zip(rounds, case["rounds"]):
+            margins = theirs["draft_margin"][: theirs["accepted"] + 1]
+            robust = next((k for k, m in enumerate(margins) if m < 0.5), len(margins))
+            upto = min(robust, len(ours.proposed))
+            assert ours.proposed[:upto] == theirs["proposed_tokens"][:upto], case["name"]
+            assert ours.committed == theirs["committed_tokens"], case["name"]
+            if robust == len(margins) and len(ours.proposed) == len(theirs["proposed_tokens"]):
+                assert ours.accepted == theirs["accepted"], case["name"]
+                compared += 1
+    return compared
+
+
+def _eagle3_round0_logits(drafter, case: dict, ctx: mx.array) -> mx.array:
+    """Round 0's chain logits, fed the reference's own drafts (so a near-tie cannot fork it)."""
+    r0 = case["rounds"][0]
+    cache = drafter.new_state()[0]
+    h = drafter.out(drafter.extend(cache, ctx, mx.array(case["prompt_ids"][1:] + [r0["anchor"]])))
+    rows = []
+    for k in range(len(r0["proposed_tokens"])):
+        if k:
+            h = drafter.out(drafter.step(cache, mx.array([r0["proposed_tokens"][k - 1]]), h))
+        rows.append(drafter.logits(h).reshape(-1))
+    return mx.stack(rows)
+
+
+def _eagle3_pair(name: str):
+    target = FIXTURES / "eagle3_qwen3" / "target"
+    return load_pair(str(target), str(FORMATS / name / "drafter"), drafter_bits=16)
+
+
+def _check_eagle3_fixture(name: str, fmt: str, taps: tuple[int, ...], rounds: int) -> None:
+    target, _, drafter, config = _eagle3_pair(name)
+    ref, tensors = _reference(name)
+    assert config.drafter_format == fmt and drafter.kind == "eagle3"
+    assert drafter.tap_ids == taps and drafter.max_draft == ref["ttt_length"] == 7
+    ids = mx.array(ref["draft_vocab"])
+    assert mx.array_equal(drafter._draft_ids, ids)  # d2t, read back as target ids
+    assert _check_reference_trace(target, drafter, ref) == rounds
+    for case in ref["cases"]:
+        ctx = tensors[f"{case['name']}.round0.ctx_features"]
+        logits = _eagle3_round0_logits(drafter, case, ctx)
+        want = tensors[f"{case['name']}.round0.draft_logits"]  # over the draft vocabulary
+        assert max_diff(logits[:, ids], want) < 0.75, case["name"]
+        assert max_diff(logits[:1, ids], want[:1]) < 0.35, case["name"]
+        outside = np.ones(logits.shape[-1], bool)
+        outside[np.array(ids)] = False
+        assert (np.array(logits.astype(mx.float32))[:, outside] == -np.inf).all()
+
+
+def test_speculators_eagle3_reduced_vocab_reproduces_the_reference():
+    """`Eagle3DraftModel.save_pretrained` (qwen3 layer with q/k norms, 5 taps as hidden-state
+    ids, a 64-token draft vocabulary with d2t/t2d, its own embedding): the trace of a loop over
+    speculators' `forward` (TTT steps, teacher-forced with the drafts) and round 0's logits."""
+    _check_eagle3_fixture("speculators_eagle3_qwen3", "speculators", (1, 2, 3, 4, 5), 37)
+
+
+def test_specforge_eagle3_reproduces_the_reference():
+    """SpecForge's `LlamaForCausalLMEagle3` exported as `export_to_sglang` does (no embedding,
+    `midlayer.*`, d2t/t2d, no eagle_config: the default taps [1, N/2 - 1, N - 4], no ttt length:
+    7): the trace of a loop over its `backbone` + `compute_logits` chain and round 0's logits."""
+    _check_eagle3_fixture("specforge_eagle3_qwen3", "specforge", (1, 2, 3), 31)
+
+
+def test_specforge_norm_output_true_is_the_default_head(tmp_path):
+    """SpecForge's `norm_output` (default true) means logits from norm(h), the raw h fed on: not
+    speculators' EAGLE 3.1 `norm_output`. A config that spells it out drafts the same."""
+    path = tmp_path / "d"
+    shutil.copytree(FORMATS / "specforge_eagle3_qwen3" / "drafter", path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "norm_output": True}))
+    target, _, drafter, _ = load_pair(
+        str(FIXTURES / "eagle3_qwen3" / "target"), str(path), drafter_bits=16
+    )
+    ref, _ = _reference("specforge_eagle3_qwen3")
+    assert _check_reference_trace(target, drafter, ref) == 31
+    assert not drafter.config.norm_output
+
+
+def test_speculators_dflash_reproduces_the_reference():
+    """`DFlashDraftModel.save_pretrained` (speculators' default dflash: sample_from_anchor
+    false, block 16, 15 drafts from rows 1..; no embedding or head: the verifier's): the trace of
+    a loop over its `_backbone_forward` and round 0's block logits."""
+    target = FIXTURES / "zlab_dflash_qwen3" / "target"
+    name = "speculators_dflash_qwen3"
+    target, _, drafter, config = load_pair(
+        str(target), str(FORMATS / name / "drafter"), drafter_bits=16
+    )
+    assert config.drafter_format == "speculators" and drafter.kind == "dflash"
+    assert drafter.max_draft == 15 and drafter.tap_ids == (1, 3, 4, 6)
+    assert config.shared_with_target == ["embed_tokens", "lm_head"]
+    ref, tensors = _reference(name)
+    assert _check_reference_trace(target, drafter, ref) == 11
+    for case in ref["cases"]:
+        ctx = tensors[f"{case['name']}.round0.ctx_features"]
+        block = mx.array([case["rounds"][0]["anchor"]] + [496] * 15)
+        logits = drafter._head(drafter.backbone(block, ctx, drafter.new_state()))[1:]
+        assert max_diff(logits, tensors[f"{case['name']}.round0.draft_logits"]) < 1.5
+
+
 # ----------------------------------------------------------------------------- reduced vocabulary
 DRAFT_IDS = [0, 2, 4]  # the draft vocabulary: 3 of the tiny target's 5 tokens
 

@@ -10,8 +10,9 @@ over three taps, `norm`, a `lm_head` over a reduced draft vocabulary (`draft_voc
   [1, N/2 - 1, N - 4] of an N-layer target.
 - Chain length: the checkpoint does not store one (SGLang takes it from its launch flags);
   `ttt_length` from the config if present, else 7 (SpecForge's training TTT length).
-- SpecForge's `norm_output` = false means logits straight from the layer output (no final
-  norm): refused, as is `fc_norm`.
+- SpecForge's `norm_output` = true (its default) is norm(h) -> lm_head with the raw h fed to
+  the next chain step: our default, not speculators' EAGLE 3.1 `norm_output`; dropped. False
+  means logits straight from the layer output (no final norm): refused, as is `fc_norm`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def translate(
             f"{config['hidden_size']}; drafters of another width are not supported"
         )
     out = dict(config)
+    # SpecForge's norm_output (default true) is DeepSpec's head: norm before lm_head, the raw
+    # output fed on. Our `norm_output` is speculators' EAGLE 3.1 (normed output fed on).
+    out.pop("norm_output", None)
     out.update(
         architectures=["Qwen3Eagle3Model"],
         num_hidden_layers=1,
