@@ -291,6 +291,39 @@ def test_speculators_dflash_reproduces_the_reference():
         assert max_diff(logits, tensors[f"{case['name']}.round0.draft_logits"]) < 1.5
 
 
+@pytest.mark.parametrize(
+    "name,change,message",
+    [
+        ("specforge", lambda c: c.update(norm_output=False), "norm_output = false"),
+        ("specforge", lambda c: c.update(fc_norm=True), "fc_norm = true"),
+        (
+            "specforge",
+            lambda c: c.update(eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 2]}),
+            "must list 3 layers",
+        ),
+        ("specforge", lambda c: c.update(target_hidden_size=128), "target_hidden_size 128"),
+        ("specforge", lambda c: c.update(draft_vocab_size=100), "d2t has 64 entries"),
+        ("speculators", lambda c: c.update(norm_before_fc=True), "norm_before_fc = true"),
+        ("speculators", lambda c: c.update(draft_vocab_size=32), "d2t has 64 entries"),
+        (
+            "speculators",
+            lambda c: c.update(eagle_aux_hidden_state_layer_ids=[2, 3, 4, 5, 7]),
+            "entry 7",
+        ),
+    ],
+)
+def test_unsupported_or_foreign_eagle3_drafter_is_one_line(tmp_path, name, change, message):
+    path = tmp_path / "d"
+    shutil.copytree(FORMATS / f"{name}_eagle3_qwen3" / "drafter", path)
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    target, _ = load_target(str(FIXTURES / "eagle3_qwen3" / "target"))
+    with pytest.raises(SpecDecError, match=message) as e:
+        load_drafter(str(path), target, bits=16)
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- reduced vocabulary
 DRAFT_IDS = [0, 2, 4]  # the draft vocabulary: 3 of the tiny target's 5 tokens
 
