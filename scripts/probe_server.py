@@ -144,7 +144,7 @@ FIELD_VALUES = {
     "min_p": [1, -0.1, "0"],
     "seed": [2**64 - 1, -1, "1", True],
     "n": ["1", 2, True, 0],
-    "stream": ["yes", 1],  # (not null: OpenAI's spec allows it, this server refuses it)
+    "stream": ["yes", 1],  # (null is valid: OpenAI's spec allows it)
     "stop": [5, [1], ["x"] * 20, [""], "y" * 300],
     "presence_penalty": [2.5, "a", True, -3],
     "frequency_penalty": [-2.01, "1", [0.5]],
@@ -255,6 +255,7 @@ VALID: list[tuple[str, dict | bytes]] = [
     ("/v1/completions", b'{"prompt": "x", "prompt": [1], "max_tokens": 2}'),  # the last one
     ("/v1/messages", {**_chat(), "presence_penalty": 1, "logit_bias": {"1": -100}}),
     ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "frequency_penalty": 1}),
+    ("/v1/chat/completions", _chat(stream=None)),
 ]
 RAW = [
     b"",

@@ -190,6 +190,25 @@ def test_top_k_beyond_the_vocabulary_filters_nothing(served_baseline):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ),
+        ("/v1/completions", {"prompt": "Once", "max_tokens": 2}),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+    ],
+)
+def test_stream_null_is_not_streamed(served_baseline, route, body):
+    """OpenAI's schemas make `stream` nullable; null answers as false does."""
+    base, _ = served_baseline
+    r = httpx.post(f"{base}{route}", json=body | {"stream": None}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+
+
 def test_health_tells_a_stranger_only_ok_busy_queued(served):
     base, _ = served
     assert set(httpx.get(f"{base}/health").json()) == {"status", "busy", "queued"}

@@ -163,7 +163,7 @@ class SamplingFields(SamplingExtras):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # OpenAI allows null: not streamed
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_INT, description="only 1 is supported")
 

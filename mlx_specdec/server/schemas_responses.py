@@ -80,7 +80,7 @@ class ResponsesRequest(SamplingExtras):
     max_tool_calls: Count | None = None
     previous_response_id: str | None = Field(default=None, max_length=256)
     store: bool = True
-    stream: bool = False
+    stream: bool | None = False  # OpenAI allows null: not streamed
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
     truncation: Literal["auto", "disabled"] | None = None
