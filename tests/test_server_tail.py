@@ -139,16 +139,15 @@ def _streamed(base: str, api: str, path: str, body: dict[str, Any]) -> tuple[str
 
 def _ask(base: str, api: str, n: int, stop: list[str] | None = None) -> tuple[str, str, int]:
     """The answer's text, finish reason and token count; the streamed answer must be the same
-    (but for the count after a stop sequence: the engine may commit a round before it stops)."""
+    (after a stop sequence too: rounds the engine commits before it sees the cancel are not
+    counted)."""
     path, body = _body(api, n, stop, stream=False)
     r = httpx.post(base + path, json=body, headers=HEADERS, timeout=120)
     assert r.status_code == 200, r.text
     whole = (_text(api, r.json()), *_finish(api, r.json()))
     path, body = _body(api, n, stop, stream=True)
     streamed = _streamed(base, api, path, body)
-    assert streamed[:2] == whole[:2]
-    if whole[1] == "length":
-        assert streamed == whole
+    assert streamed == whole
     return whole
 
 
@@ -173,9 +172,10 @@ def test_a_stop_sequence_cuts_at_its_first_match(base, answers, api):
     tokens, decoded = answers[api]
     expected = _expected(api, decoded)
     stop = expected[len(expected) // 2 - 1 : len(expected) // 2 + 1]
-    text, reason, _ = _ask(base, api, _n(api), [stop])
+    text, reason, n = _ask(base, api, _n(api), [stop])
     assert reason == "stop" and stop not in text
     assert text == expected[: expected.index(stop)]
+    assert 0 < n < len(tokens)
 
 
 @pytest.mark.parametrize("api", ["chat", "completions", "messages"])

@@ -178,7 +178,7 @@ def ending(gen: Generation, blocks: Blocks) -> dict[str, Any]:
     return {
         "stop_reason": stop_reason(gen, len(blocks.calls())),
         "stop_sequence": gen.stops.matched,
-        "usage": usage(gen, len(gen.result.tokens)),
+        "usage": usage(gen, gen.output_tokens),
         "x_specdec": gen.x_specdec(),
     }
 

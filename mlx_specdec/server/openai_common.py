@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
-from ..generate import GenerationResult
 from .errors import ApiError
 from .output import Delta
 from .streaming import DONE, Generation, sse
@@ -17,8 +16,8 @@ def choice(key: str, value: Any, finish: str | None, logprobs: Any = None) -> di
     return {"index": 0, key: value, "finish_reason": finish, "logprobs": logprobs}
 
 
-def usage(result: GenerationResult) -> dict[str, Any]:
-    n = len(result.tokens)
+def usage(gen: Generation) -> dict[str, Any]:
+    result, n = gen.result, gen.output_tokens
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": n,
@@ -29,7 +28,7 @@ def usage(result: GenerationResult) -> dict[str, Any]:
 
 def stats(gen: Generation) -> dict[str, Any]:
     """The `usage` and `x_specdec` blocks of an answer's last body."""
-    return {"usage": usage(gen.result), "x_specdec": gen.x_specdec()}
+    return {"usage": usage(gen), "x_specdec": gen.x_specdec()}
 
 
 class ChunkStream:

@@ -245,16 +245,16 @@ class Answer:
         }
 
     def usage(self, gen: Generation, reasoning: str) -> dict[str, Any]:
-        r = gen.result
+        r, n = gen.result, gen.output_tokens
         # Re-tokenized: the engine does not tell reasoning tokens apart.
         encode = self.server.engine.tokenizer.encode
         thought = len(encode(reasoning, add_special_tokens=False)) if reasoning else 0
         return {
             "input_tokens": r.prompt_tokens,
             "input_tokens_details": {"cached_tokens": r.cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": len(r.tokens),
-            "output_tokens_details": {"reasoning_tokens": min(thought, len(r.tokens))},
-            "total_tokens": r.prompt_tokens + len(r.tokens),
+            "output_tokens": n,
+            "output_tokens_details": {"reasoning_tokens": min(thought, n)},
+            "total_tokens": r.prompt_tokens + n,
         }
 
     def final(self, gen: Generation, blocks: Blocks) -> dict[str, Any]:

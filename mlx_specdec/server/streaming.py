@@ -118,11 +118,20 @@ class Generation:
         self.prompt_tokens = len(job.ids)
         self.result: GenerationResult | None = None
         self.outcome: str | None = None
+        self._answer_tokens = 0  # tokens of the rounds up to the one that ended the answer
 
     @property
     def stopped(self) -> bool:
         """Whether a stop sequence ended the output."""
         return self.stops.hit
+
+    @property
+    def output_tokens(self) -> int:
+        """The answer's tokens, for usage. A stop sequence (or the last tool call allowed) ends
+        it within a round; the engine may commit another round before it sees the cancel, and
+        those tokens are not counted, so the count does not depend on that race."""
+        assert self.result is not None
+        return self._answer_tokens if self.ended else len(self.result.tokens)
 
     @property
     def cached_tokens(self) -> int:
@@ -169,6 +178,7 @@ class Generation:
                     return
                 if not self.ended:  # (rounds after the end are not part of the answer)
                     scores.add(item)
+                    self._answer_tokens += len(item.tokens)
                 delta = self._split(self.stops.feed(item.text))
                 if self.ended:
                     self.job.cancel.set()
