@@ -3,8 +3,8 @@ code, with what the reference computes from them.
 
 Run in a separate virtual environment with the reference packages (never the project's):
 
-    python -m venv /work/refvenv && /work/refvenv/bin/pip install torch==2.13.0 \
-        speculators==0.9.0 dflash==0.1.0 specforge==0.2.0 gguf transformers
+    python -m venv /work/refvenv && /work/refvenv/bin/pip install torch==2.11.0 \
+        speculators==0.9.0 dflash==0.1.0 specforge==0.2.0 gguf transformers==5.8.1
     /work/refvenv/bin/python scripts/make_format_fixtures.py [NAME ...]
 
 Targets are the conformance fixtures' tiny Qwen3 models (tests/fixtures/conformance/*/target,
