@@ -61,9 +61,10 @@ class BatchKV:
         self.values = mx.concatenate([self.values, mx.zeros((*pad, dv), self.values.dtype)], 2)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> Any:
-        """[B, 1, N, capacity]: query i of row b sees that row's keys up to its own position."""
+        """[B, 1, N, max offset + N]: query i of row b sees that row's keys up to its own
+        position."""
         query = self.offset[:, None, None, None] + mx.arange(N)[:, None]
-        key = mx.arange(self._room(N))
+        key = mx.arange(max(self.offsets) + N)  # the keys update_and_fetch will return
         visible = key <= query
         if window_size is not None:
             visible = visible & (key > query - window_size)
@@ -77,7 +78,8 @@ class BatchKV:
         at = mx.broadcast_to(at, values.shape)
         self.values = mx.put_along_axis(self.values, at, values, axis=2)
         self.offsets = [o + n for o in self.offsets]
-        return self.keys, self.values
+        end = max(self.offsets)  # no row reads past it: attention skips the buffer's tail
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
     @property
     def state(self) -> list[mx.array]:
