@@ -125,12 +125,26 @@ def stream_steps(
     max_new_tokens: int,
     mode: str,
     cache_info: dict[str, Any],
+    *,
+    leading_space: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Detokenize steps (`Step`s, or `(tokens, round)` pairs, which carry no scores); time
-    prefill (to the first token) and decode. A stop token is not shown, nor are its scores."""
+    prefill (to the first token) and decode. A stop token is not shown, nor are its scores.
+    mlx-lm's detokenizer drops the answer's leading space (right for a chat answer);
+    `leading_space` keeps it, as a text completion that continues its prompt needs."""
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()
+    lead = None if leading_space else ""  # what goes before the text; None: not known yet
+
+    def shown_text(segment: str) -> str:
+        nonlocal lead
+        if lead is None and segment:  # the first text: put back a space the detokenizer trimmed
+            trimmed = tokenizer.decode(tokens).startswith(" ") and not segment.startswith(" ")
+            lead = " " if trimmed else ""
+            return lead + segment
+        return segment
+
     tokens: list[int] = []
     rounds: list[Round] = []
     scores: dict[str, list] = {}  # "logprobs" / "top_logprobs" of the shown tokens, if given
@@ -158,12 +172,15 @@ def stream_steps(
         }
         for name, values in mine.items():
             scores.setdefault(name, []).extend(values)
-        yield GenerationChunk(detok.last_segment, shown, rnd, cache_info=cache_info, **mine)
+        yield GenerationChunk(
+            shown_text(detok.last_segment), shown, rnd, cache_info=cache_info, **mine
+        )
     detok.finalize()
+    tail = shown_text(detok.last_segment)
     end = time.perf_counter()
     t_first = t_first or end
     result = GenerationResult(
-        text=detok.text,
+        text=(lead or "") + detok.text,
         tokens=tokens,
         rounds=rounds,
         prompt_tokens=prompt_len,
@@ -175,7 +192,7 @@ def stream_steps(
         **scores,
     )
     empty = {name: [] for name in scores}
-    yield GenerationChunk(detok.last_segment, [], None, result, cache_info, **empty)
+    yield GenerationChunk(tail, [], None, result, cache_info, **empty)
 
 
 def stream_speculative_generate(
@@ -203,6 +220,7 @@ def stream_speculative_generate(
     repetition_penalty: float | None = None,
     penalty_context_size: int = 20,
     logits_processors: Sequence[LogitsProcessor] = (),
+    leading_space: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Stream text pieces as rounds commit them; the last chunk carries the `GenerationResult`.
     With `drafter=None` this is plain decoding through mlx-lm (the baseline). With a
@@ -219,7 +237,8 @@ def stream_speculative_generate(
     processors, each penalty over the last `penalty_context_size` tokens (prompt included;
     mlx-lm's default 20); `logits_processors` adds any others of mlx-lm's signature, applied
     after them. Every verify row sees the tokens plain decoding sees there, so the output is
-    still exactly plain decoding's with the same processors."""
+    still exactly plain decoding's with the same processors. `leading_space` as in
+    `stream_steps`."""
     params = SamplingParams(temperature, top_p, top_k, min_p, seed)
     if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
         raise SpecDecError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
@@ -268,7 +287,9 @@ def stream_speculative_generate(
     else:
         marks = _marks(tokenizer)
         steps = _reusing_prefix(prefix_cache, target, drafter, ids, run, info, marks)
-    return stream_steps(tokenizer, steps, len(ids), max_new_tokens, mode, info)
+    return stream_steps(
+        tokenizer, steps, len(ids), max_new_tokens, mode, info, leading_space=leading_space
+    )
 
 
 def _marks(tokenizer: Any) -> frozenset[int]:

@@ -15,7 +15,15 @@ from ..generate import GenerationChunk, GenerationResult, Steps, stream_steps
 from ..sampling import SamplingParams
 
 # Job options a batched round honours; a job with any other runs alone (`batchable`).
-BATCHED_OPTIONS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed"}
+BATCHED_OPTIONS = {
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "leading_space",
+}
 
 
 def batchable(options: dict[str, Any]) -> bool:
@@ -39,11 +47,15 @@ class RowStream:
     """One request's chunks: each event's tokens through `stream_steps` (detokenizing, the stop
     token held back), and at the end its `GenerationResult`, timed from when it was admitted."""
 
-    def __init__(self, tokenizer: Any, request: Request, mode: str) -> None:
+    def __init__(
+        self, tokenizer: Any, request: Request, mode: str, leading_space: bool = False
+    ) -> None:
         self.request = request
         self._feed: deque[tuple[list[int], Any] | None] = deque()
-        n = len(request.ids)
-        self._chunks = stream_steps(tokenizer, self._steps(), n, request.max_new_tokens, mode, {})
+        n, most = len(request.ids), request.max_new_tokens
+        self._chunks = stream_steps(
+            tokenizer, self._steps(), n, most, mode, {}, leading_space=leading_space
+        )
         self.admitted = time.perf_counter()
         self.first: float | None = None
         self.tokens = 0

@@ -60,7 +60,8 @@ def router(server: Server) -> APIRouter:
     @api.post("/v1/completions", summary="Text completion (OpenAI, legacy)")
     @guarded(ENDPOINT)
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        opts = server.options(req, req.max_tokens)
+        # The answer continues the prompt: keep its leading space (" 7th" after "The").
+        opts = server.options(req, req.max_tokens) | {"leading_space": True}
         ids = await server.prepare(prompt_ids, tokenizer, req, server.max_prompt_bytes)
         stops = StopFilter(req.stop_list())
         gen = await server.generate(request, ids, opts, ENDPOINT, stops)

@@ -314,7 +314,8 @@ class Engine:
             job.put(e)
             return
         with self._line:
-            self._rows[uid] = (job, RowStream(self.tokenizer, request, mode))
+            lead = job.options.get("leading_space", False)
+            self._rows[uid] = (job, RowStream(self.tokenizer, request, mode, lead))
 
     def _end_row(self, uid: int, cancelled: bool = False, error: Exception | None = None) -> None:
         self._decoder.drop(uid)
