@@ -82,6 +82,26 @@ def target_pass(target, ids: list[int], taps: list[int]):
     return out.logits[0], feats
 
 
+def block_forward(model, target, ids: list[int], taps: list[int], block: int):
+    """speculators' `_backbone_forward` (DSpark, DFlash) for one block anchored at ids[-1]:
+    (hidden [1, block, H], logits [block, V])."""
+    n = len(ids)
+    padded = ids + [0] * (block + 1)  # the reference never anchors in the last block
+    _, feats = target_pass(target, padded, taps)
+    loss_mask = torch.zeros(1, len(padded), dtype=torch.long)
+    loss_mask[0, n - 1] = 1
+    hidden_size = model.config.transformer_layer_config.hidden_size
+    hidden, logits, *_ = model._backbone_forward(
+        feats,
+        torch.tensor([padded]),
+        loss_mask,
+        torch.zeros(1, len(padded), hidden_size, dtype=torch.bfloat16),
+        torch.zeros(1, len(padded), dtype=torch.long),
+        max_anchors=1,
+    )
+    return hidden, logits[0]
+
+
 def margins(logits: torch.Tensor) -> list[float]:
     top = logits.float().topk(2, dim=-1).values
     return (top[..., 0] - top[..., 1]).tolist()
@@ -96,29 +116,11 @@ def speculators_dspark(block: int = 15) -> None:
     from speculators.config import SpeculatorsConfig, VerifierConfig
     from speculators.models.dspark import DSparkDraftModel, DSparkSpeculatorConfig
     from speculators.proposals.greedy import GreedyTokenProposalConfig
-    from transformers import Qwen3Config
 
     src, out = CONFORMANCE / "dspark_qwen3", OUT / "speculators_dspark_qwen3"
     native = json.loads((src / "drafter" / "config.json").read_text())
     weights = load_file(src / "drafter" / "model.safetensors")
-    layer = Qwen3Config(
-        **{
-            k: native[k]
-            for k in (
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "rms_norm_eps",
-                "vocab_size",
-                "max_position_embeddings",
-                "rope_parameters",
-            )
-        }
-    )
-    layer._attn_implementation = "eager"  # the reference's dense-mask path (no flex on a CPU)
+    layer = qwen3_layer(native)
     config = DSparkSpeculatorConfig(
         transformer_layer_config=layer,
         draft_vocab_size=native["vocab_size"],
@@ -157,20 +159,7 @@ def speculators_dspark(block: int = 15) -> None:
     @torch.inference_mode()
     def draft(ids: list[int]) -> tuple[list[int], torch.Tensor]:
         """One reference block forward at the anchor ids[-1]; greedy Markov chain on top."""
-        n = len(ids)
-        padded = ids + [0] * (block + 1)  # the reference never anchors in the last block
-        _, feats = target_pass(target, padded, taps)
-        loss_mask = torch.zeros(1, len(padded), dtype=torch.long)
-        loss_mask[0, n - 1] = 1
-        hidden, logits, *_ = model._backbone_forward(
-            feats,
-            torch.tensor([padded]),
-            loss_mask,
-            torch.zeros(1, len(padded), layer.hidden_size, dtype=torch.bfloat16),
-            torch.zeros(1, len(padded), dtype=torch.long),
-            max_anchors=1,
-        )
-        logits = logits[0]
+        hidden, logits = block_forward(model, target, ids, taps, block)
         prev, tokens, rows = ids[-1], [], []
         for k in range(block):
             row = (
@@ -184,47 +173,9 @@ def speculators_dspark(block: int = 15) -> None:
             tokens.append(prev)
         return tokens, torch.stack(rows)
 
-    record = {
-        "format": "mlx-specdec-formats/1",
-        "fixture": out.name,
-        "max_new_tokens": MAX_NEW,
-        "stop_token_ids": STOP,
-        "block_size": block,
-        "cases": [],
-    }
+    record = record_header(out, block_size=block)
     tensors = {}
-    for case in cases("dspark_qwen3"):
-        ids = list(case["prompt_ids"])
-        logits, _ = target_pass(target, ids, taps)
-        ids.append(int(logits[-1].argmax()))
-        rounds = []
-        while len(ids) - len(case["prompt_ids"]) < MAX_NEW and ids[-1] not in STOP:
-            proposed, rows = draft(ids)
-            verify, _ = target_pass(target, ids + proposed, taps)
-            argmax = verify[len(ids) - 1 :].argmax(-1).tolist()
-            accepted = 0
-            while accepted < len(proposed) and proposed[accepted] == argmax[accepted]:
-                accepted += 1
-            committed = proposed[:accepted] + [argmax[accepted]]
-            left = MAX_NEW - (len(ids) - len(case["prompt_ids"]))
-            committed = committed[:left]
-            stops = [i for i, t in enumerate(committed) if t in STOP]
-            committed = committed[: stops[0] + 1] if stops else committed
-            if not rounds:
-                tensors[f"{case['name']}.round0.draft_logits"] = rows.float()
-            rounds.append(
-                {
-                    "anchor": ids[-1],
-                    "proposed_tokens": proposed,
-                    "accepted": accepted,
-                    "committed_tokens": committed,
-                    "draft_margin": margins(rows),
-                }
-            )
-            ids += committed
-        record["cases"].append(
-            {**case, "output_tokens": ids[len(case["prompt_ids"]) :], "rounds": rounds}
-        )
+    record["cases"] = speculative_trace(target, taps, "dspark_qwen3", draft, block, tensors)
     write_json(out / "reference.json", record)
     save_file(tensors, out / "reference.safetensors")
 
@@ -754,20 +705,7 @@ def speculators_dflash() -> None:
     @torch.inference_mode()
     def draft(ids: list[int]) -> tuple[list[int], torch.Tensor]:
         """One reference block forward at the anchor ids[-1]; rows 1.. are the drafts."""
-        n = len(ids)
-        padded = ids + [0] * (block + 1)  # the reference never anchors in the last block
-        _, feats = target_pass(target, padded, taps)
-        loss_mask = torch.zeros(1, len(padded), dtype=torch.long)
-        loss_mask[0, n - 1] = 1
-        _, logits, *_ = model._backbone_forward(
-            feats,
-            torch.tensor([padded]),
-            loss_mask,
-            torch.zeros(1, len(padded), layer.hidden_size, dtype=torch.bfloat16),
-            torch.zeros(1, len(padded), dtype=torch.long),
-            max_anchors=1,
-        )
-        rows = logits[0, 1:]
+        rows = block_forward(model, target, ids, taps, block)[1][1:]
         return rows.argmax(-1).tolist(), rows
 
     record = record_header(out, block_size=block)
