@@ -150,10 +150,17 @@ def test_trained_drafter_with_lookup_rounds_matches_mlx_lm_greedy(family, switch
 def test_trained_drafter_with_lookup_rounds_from_the_prefix_cache(target):
     # The trained drafter lags behind the rows on lookup rounds: a snapshot keeps what both
     # hold, and a warm turn still gives a cold turn's tokens.
+    drafter = LookupDrafter(target.vocab_size, trained_drafter(target, "dspark"))
+    warm, cold = warm_and_cold_turns(target, drafter)
+    assert warm.tokens == cold.tokens
+
+
+def warm_and_cold_turns(target: Target, drafter: LookupDrafter):
+    """A first turn fills a prefix cache; its follow-up runs on it (warm, which must hit) and
+    without it (cold)."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tokenizer = load_tokenizer(TOKENIZER_SOURCE)
-    drafter = LookupDrafter(target.vocab_size, trained_drafter(target, "dspark"))
     first, cache = list(range(10, 40)), PrefixCache()
     turn = speculative_generate(
         target, tokenizer, drafter, first, max_new_tokens=30, prefix_cache=cache
@@ -164,7 +171,7 @@ def test_trained_drafter_with_lookup_rounds_from_the_prefix_cache(target):
     )
     cold = speculative_generate(target, tokenizer, drafter, follow_up, max_new_tokens=40)
     assert warm.prefix_cache == "hit" and warm.cached_tokens > len(first)
-    assert warm.tokens == cold.tokens
+    return warm, cold
 
 
 def test_sampled_lookup_q_is_a_point_mass(target):
@@ -214,21 +221,7 @@ def test_auto_cap_of_lookup_is_its_own(tmp_path):
 def test_prefix_cache_turn_keeps_the_lookup_rows(target):
     # A follow-up turn restores the drafter's rows (the tokens) with the target's caches, so
     # lookup matches what came before the cut exactly as a cold run does.
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-    tokenizer = load_tokenizer(TOKENIZER_SOURCE)
-    drafter = LookupDrafter(target.vocab_size)
-    first = list(range(10, 40))
-    cache = PrefixCache()
-    turn1 = speculative_generate(
-        target, tokenizer, drafter, first, max_new_tokens=30, prefix_cache=cache
-    )
-    follow_up = first + turn1.tokens + [21, 22, 23]
-    warm = speculative_generate(
-        target, tokenizer, drafter, follow_up, max_new_tokens=40, prefix_cache=cache
-    )
-    cold = speculative_generate(target, tokenizer, drafter, follow_up, max_new_tokens=40)
-    assert warm.prefix_cache == "hit" and warm.cached_tokens > len(first)
+    warm, cold = warm_and_cold_turns(target, LookupDrafter(target.vocab_size))
     assert warm.tokens == cold.tokens
     assert [r.proposed for r in warm.rounds] == [r.proposed for r in cold.rounds]
     assert any(r.accepted for r in warm.rounds)
