@@ -6,7 +6,8 @@
 1. Aggregate tok/s of B requests decoded together (`batch.generate_batch`) at draft caps
    (`--caps`; 0 = plain batched decoding, no drafter call), next to the same B requests run one
    after another through `speculate` (ours unbatched): where speculation stops paying as B
-   grows is the crossover the cost model (`autocap.batch_caps`) has to find.
+   grows is the crossover the cost model (`autocap.batch_caps`) has to find. The last column is
+   mlx-lm's own `BatchGenerator` (plain batched decoding) on the same target and prompts.
 2. The decode gap a joining prompt causes: the longest wait between two rounds of requests
    already decoding while a long prompt joins, with the prefill in chunks and in one piece.
 """
@@ -18,6 +19,7 @@ import json
 import time
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
 
 from mlx_specdec import load_pair
 from mlx_specdec.batch import BatchDecoder, Request, generate_batch
@@ -42,8 +44,9 @@ def best_rate(run, repeats: int) -> float:  # noqa: ANN001
 
 
 def throughput(target, drafter, prompts, rows, tokens, caps, repeats) -> None:  # noqa: ANN001
-    print("| rows | unbatched (speculate) | " + " | ".join(f"cap {c}" for c in caps) + " |")
-    print("|---" * (len(caps) + 2) + "|")
+    caps_head = " | ".join(f"cap {c}" for c in caps)
+    print(f"| rows | unbatched (speculate) | {caps_head} | mlx-lm BatchGenerator |")
+    print("|---" * (len(caps) + 3) + "|")
     for b in rows:
         requests = [Request(ids, tokens) for ids in prompts[:b]]
 
@@ -55,8 +58,17 @@ def throughput(target, drafter, prompts, rows, tokens, caps, repeats) -> None:  
             out = generate_batch(target, drafter, requests, cap_for=lambda _: cap)
             return sum(map(len, out))
 
+        def mlx_lm(requests: list = requests) -> int:
+            gen = BatchGenerator(target.model, max_tokens=tokens)
+            gen.insert([r.ids for r in requests], max_tokens=[tokens] * len(requests))
+            n = 0
+            while answers := gen.next_generated():
+                n += len(answers)
+            return n
+
         cells = [f"{best_rate(alone, repeats):.0f}"]
         cells += [f"{best_rate(lambda c=cap: together(c), repeats):.0f}" for cap in caps]
+        cells.append(f"{best_rate(mlx_lm, repeats):.0f}")
         print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
 
 
